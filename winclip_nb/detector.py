@@ -1,0 +1,448 @@
+"""The detector: holds the backbone, the normal memory and the calibration, and runs
+stages 01-04 in order.
+
+Example (offline, random weights):
+    >>> winclip = WinCLIP(device="cpu", pretrained="random")                # doctest: +SKIP
+    >>> normal_anchor, anomalous_anchor = winclip.build_text_anchors("screw")  # doctest: +SKIP
+    >>> winclip.build_normal_memory(train_images, normal_anchor, anomalous_anchor)  # doctest: +SKIP
+    >>> result = winclip.detect(image, normal_anchor, anomalous_anchor)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .anchors import average_anchor, build_prompts, global_text_score, text_map
+from .backbone import ClipBackbone
+from .config import WinCLIPConfig, check_coreset_ratio, check_fusion_weights
+from .data import class_kind, load_image
+from .errors import ConfigError, MemoryBankError
+from .maps import (
+    find_hotspots,
+    foreground_mask,
+    fuse_maps,
+    gaussian_smooth,
+    image_scores,
+    robust_normalize,
+    robust_stats,
+    upsample_maps,
+)
+from .memory import NormalMemory, greedy_coreset
+from .results import DetectionResult
+
+ImageInput = str | os.PathLike | np.ndarray | Any  # Any: PIL.Image.Image
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class WinCLIP(nn.Module):
+    """Zero-/few-shot anomaly detector in the WinCLIP style.
+
+    Args:
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        model_name: open_clip model name.
+        pretrained: open_clip tag (``"openai"``), checkpoint path, ``"random"`` or ``"auto"``.
+        layers: transformer blocks whose patch tokens are used.
+        image_size: model input side in pixels.
+        config: base settings; keyword ``overrides`` change single fields.
+    """
+
+    def __init__(
+        self,
+        device: str | None = None,
+        model_name: str | None = None,
+        pretrained: str | os.PathLike | None = None,
+        layers: Sequence[int] | None = None,
+        image_size: int | None = None,
+        *,
+        config: WinCLIPConfig | None = None,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        cfg = config or WinCLIPConfig()
+        given = {
+            "device": device,
+            "model_name": model_name,
+            "pretrained": None if pretrained is None else str(pretrained),
+            "layers": None if layers is None else tuple(layers),
+            "image_size": image_size,
+        }
+        changes = {k: v for k, v in given.items() if v is not None} | overrides
+        self.config = cfg.replace(**changes) if changes else cfg.validate()
+        self.backbone = ClipBackbone(
+            self.config.model_name,
+            self.config.pretrained,
+            self.config.layers,
+            self.config.image_size,
+            self.config.device,
+        )
+        self.memory: NormalMemory | None = None
+        self.class_name: str | None = None
+        self._calibration_cache: dict[tuple[float, float], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the backbone is random-init: results carry no real meaning."""
+        return self.backbone.random_weights
+
+    @property
+    def weights_label(self) -> str:
+        return self.backbone.weights.label
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.backbone.grid_size
+
+    def _is_texture(self, class_name: str | None = None) -> bool:
+        name = class_name or self.class_name
+        return name is not None and class_kind(name) == "texture"
+
+    def prepare(self, image: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decode any image input and resize it: ((S, S, 3) uint8, original (H, W))."""
+        rgb = load_image(image)
+        return self.backbone.resize(rgb), rgb.shape[:2]
+
+    # ----------------------------------------------------------- 02 anchors
+    def build_text_anchors(self, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normal_anchor, anomalous_anchor), each (D,) L2-normalised, for one class."""
+        if not class_name or not str(class_name).strip():
+            raise ConfigError(f"class_name must be a non-empty string, got {class_name!r}")
+        normal_prompts, anomalous_prompts = build_prompts(class_name)
+        embeddings = self.backbone.encode_text(normal_prompts + anomalous_prompts)
+        n = len(normal_prompts)
+        self.class_name = class_name
+        return average_anchor(embeddings[:n]), average_anchor(embeddings[n:])
+
+    # ------------------------------------------------------------ 01 tokens
+    def extract(
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resized (S, S, 3) uint8 images -> tokens (n, L, N, D) and embeddings (n, D)."""
+        bs = batch_size or self.config.batch_size
+        tokens, embeds = [], []
+        starts = range(0, len(images), bs)
+        for start in _progress(starts, len(starts), "features", progress):
+            batch = np.stack(images[start : start + bs])
+            t, e = self.backbone(batch)
+            tokens.append(t)
+            embeds.append(e)
+        return torch.cat(tokens), torch.cat(embeds)
+
+    # ------------------------------------------------------------ 03 memory
+    def build_normal_memory(
+        self,
+        train_images: Sequence[ImageInput],
+        normal_anchor: torch.Tensor,
+        anomalous_anchor: torch.Tensor,
+        coreset_ratio: float | None = None,
+        max_images: int | None = None,
+        *,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> NormalMemory:
+        """Coreset memory of normal patches, plus leave-one-out calibration maps.
+
+        The first ``max_images`` images are used (all when None). The coreset is
+        chosen once on the layer-concatenated tokens, so every layer keeps the same
+        patch positions.
+        """
+        ratio = check_coreset_ratio(
+            self.config.coreset_ratio if coreset_ratio is None else coreset_ratio
+        )
+        if max_images is not None and max_images < 1:
+            raise ConfigError(f"max_images must be >= 1 or None, got {max_images}")
+        images = list(train_images)[:max_images] if max_images else list(train_images)
+        if not images:
+            raise ConfigError("build_normal_memory needs at least one normal image, got none")
+        seed = self.config.seed if seed is None else int(seed)
+        resized = [self.prepare(img)[0] for img in images]
+        texture = self._is_texture()
+        fg_work = np.stack([foreground_mask(r, self.config.fg_threshold, texture) for r in resized])
+        tokens, _ = self.extract(resized, progress=progress)  # (n, L, N, D)
+        n_img, n_layers, n_patch, dim = tokens.shape
+
+        flat = tokens.permute(0, 2, 1, 3).reshape(n_img * n_patch, n_layers * dim)
+        selected = greedy_coreset(flat, ratio, self.config.coreset_projection_dim, seed)
+        bank = tokens.permute(1, 0, 2, 3).reshape(n_layers, n_img * n_patch, dim)[:, selected]
+        memory = NormalMemory(
+            bank.contiguous(),
+            source_image=selected // n_patch,
+            source_patch=selected,
+            metadata=self._memory_metadata(ratio, n_img, seed),
+        )
+        # Leave-one-image-out maps of the training images (one image: leave one patch out).
+        groups = torch.arange(n_img * n_patch, device=tokens.device)
+        query_groups = groups // n_patch if n_img > 1 else groups
+        memory_groups = memory.source_image if n_img > 1 else memory.source_patch
+        h, w = self.grid_size
+        nn_train = memory.nn_map(
+            tokens, self.config.nn_chunk_size, query_groups, memory_groups.to(tokens.device)
+        )
+        memory.train_nn_maps = nn_train.view(n_img, h, w).cpu()
+        txt = text_map(tokens, normal_anchor.to(tokens), anomalous_anchor.to(tokens),
+                       self.config.text_temperature)
+        memory.train_text_maps = txt.view(n_img, h, w).cpu()
+        memory.train_fg_masks = torch.from_numpy(fg_work.astype(np.uint8))
+        self.memory = memory
+        self._calibration_cache.clear()
+        return memory
+
+    def _memory_metadata(self, ratio: float, n_images: int, seed: int) -> dict[str, Any]:
+        return {
+            "model_name": self.config.model_name,
+            "weights": self.weights_label,
+            "random_weights": self.random_weights,
+            "layers": list(self.config.layers),
+            "image_size": self.config.image_size,
+            "class_name": self.class_name,
+            "coreset_ratio": ratio,
+            "n_images": n_images,
+            "seed": seed,
+            "fg_threshold": self.config.fg_threshold,
+            "package_version": __version__,
+        }
+
+    def save_memory(self, path: str | Path) -> Path:
+        """Save the memory bank (safetensors + JSON metadata)."""
+        if self.memory is None:
+            raise MemoryBankError("no memory bank to save: call build_normal_memory first")
+        return self.memory.save(path)
+
+    def load_memory(self, path: str | Path) -> NormalMemory:
+        """Load a memory bank; refuse one made with another model, weights or layers."""
+        expected = {
+            "model_name": self.config.model_name,
+            "weights": self.weights_label,
+            "layers": list(self.config.layers),
+            "image_size": self.config.image_size,
+        }
+        memory = NormalMemory.load(path, expected)
+        self.memory = memory.to(self.device)
+        self.class_name = self.class_name or memory.metadata.get("class_name")
+        self._calibration_cache.clear()
+        return self.memory
+
+    # ------------------------------------------------------ 04 calibration
+    def _patch_fg(self, fg_work: torch.Tensor) -> torch.Tensor:
+        """(n, S, S) masks -> (n, h, w) bool: patches at least half foreground."""
+        pooled = F.adaptive_avg_pool2d(fg_work[:, None].float(), self.grid_size)[:, 0]
+        return pooled >= 0.5
+
+    def calibration(self, text_weight: float, nn_weight: float) -> dict[str, Any]:
+        """Branch statistics and fused-map statistics of the normal training images.
+
+        Returns a dict with ``text_stats``, ``nn_stats`` (median, sigma) over
+        foreground patches and ``map_stats`` over foreground pixels of the
+        fused, upsampled training maps.
+        """
+        key = (float(text_weight), float(nn_weight))
+        if key in self._calibration_cache:
+            return self._calibration_cache[key]
+        mem = self.memory
+        if mem is None or mem.train_nn_maps.numel() == 0:
+            raise MemoryBankError("no calibration data: build_normal_memory first")
+        fg_work = mem.train_fg_masks.bool()
+        fg_patch = self._patch_fg(fg_work)
+        text_stats = robust_stats(mem.train_text_maps[fg_patch])
+        nn_stats = robust_stats(mem.train_nn_maps[fg_patch])
+        fused = fuse_maps(
+            mem.train_text_maps, mem.train_nn_maps, text_weight, nn_weight, text_stats, nn_stats
+        )
+        size = (self.config.image_size, self.config.image_size)
+        map_stats = robust_stats(upsample_maps(fused, size)[fg_work])
+        stats = {"text_stats": text_stats, "nn_stats": nn_stats, "map_stats": map_stats}
+        self._calibration_cache[key] = stats
+        return stats
+
+    # ---------------------------------------------------------- 01-04 detect
+    @torch.inference_mode()
+    def detect_resized(
+        self,
+        resized: np.ndarray | torch.Tensor,
+        normal_anchor: torch.Tensor,
+        anomalous_anchor: torch.Tensor,
+        text_weight: float | None = None,
+        nn_weight: float | None = None,
+        *,
+        normalization: str | None = None,
+        sigma: float | None = None,
+        fg_threshold: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run stages 01-04 on a batch of resized images, all on the model's device.
+
+        Args:
+            resized: (B, S, S, 3) uint8.
+
+        Returns:
+            dict of tensors: ``text_map``, ``nn_map`` (or None), ``fused_map`` (B, h, w);
+            ``anomaly_map`` (B, S, S) normalised and smoothed; ``fg_mask`` (B, S, S);
+            ``score`` and ``text_score`` (B,).
+        """
+        cfg = self.config
+        tw, nw = check_fusion_weights(
+            cfg.text_weight if text_weight is None else text_weight,
+            cfg.nn_weight if nn_weight is None else nn_weight,
+        )
+        mode = normalization or cfg.normalization
+        if mode not in ("per_image", "calibrated"):
+            raise ConfigError(f"normalization must be 'per_image' or 'calibrated', got {mode!r}")
+        sigma = cfg.sigma if sigma is None else float(sigma)
+        fg_thr = cfg.fg_threshold if fg_threshold is None else float(fg_threshold)
+
+        images_np = resized.cpu().numpy() if isinstance(resized, torch.Tensor) else resized
+        texture = self._is_texture()
+        fg_np = np.stack([foreground_mask(img, fg_thr, texture) for img in images_np])
+        fg = torch.from_numpy(fg_np).to(self.device)
+
+        tokens, image_embedding = self.backbone(resized)
+        b = tokens.shape[0]
+        h, w = self.grid_size
+        na, aa = normal_anchor.to(tokens), anomalous_anchor.to(tokens)
+        txt = text_map(tokens, na, aa, cfg.text_temperature).view(b, h, w)
+        text_score = global_text_score(image_embedding, na, aa, cfg.text_temperature)
+
+        zero_shot = self.memory is None
+        if zero_shot:
+            nn_map = None
+            fused = txt
+            if mode == "calibrated":
+                warnings.warn(
+                    "calibrated normalisation needs a normal memory; using per_image (zero-shot)",
+                    stacklevel=2,
+                )
+                mode = "per_image"
+        else:
+            nn_map = self.memory.nn_map(tokens, cfg.nn_chunk_size).view(b, h, w)
+            stats = self.calibration(tw, nw)
+            fused = fuse_maps(txt, nn_map, tw, nw, stats["text_stats"], stats["nn_stats"])
+
+        size = (cfg.image_size, cfg.image_size)
+        up = upsample_maps(fused, size)
+        if mode == "calibrated":
+            center, scale = stats["map_stats"]
+            normed = robust_normalize(up, fg, center, scale)
+        else:
+            normed = robust_normalize(up, fg)
+        smoothed = gaussian_smooth(normed, sigma)
+        score = text_score if zero_shot else image_scores(smoothed, fg, cfg.score_top_fraction)
+        return {
+            "text_map": txt,
+            "nn_map": nn_map,
+            "fused_map": fused,
+            "anomaly_map": smoothed,
+            "fg_mask": fg,
+            "score": score,
+            "text_score": text_score,
+            "normalization": mode,  # type: ignore[dict-item]
+        }
+
+    def detect(
+        self,
+        image: ImageInput | Sequence[ImageInput],
+        normal_anchor: torch.Tensor,
+        anomalous_anchor: torch.Tensor,
+        text_weight: float | None = None,
+        nn_weight: float | None = None,
+        *,
+        normalization: str | None = None,
+        sigma: float | None = None,
+        fg_threshold: float | None = None,
+        threshold: float | None = None,
+        top_k: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> DetectionResult | list[DetectionResult]:
+        """Detect anomalies in one image (-> result) or a list of images (-> list).
+
+        Images may be paths, PIL images or numpy arrays of any mode. The anomaly
+        map comes back at each image's own resolution.
+        """
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        bs = batch_size or self.config.batch_size
+        results: list[DetectionResult] = []
+        starts = range(0, len(images), bs)
+        for start in _progress(starts, len(starts), "detect", progress):
+            prepared = [self.prepare(img) for img in images[start : start + bs]]
+            batch = np.stack([p[0] for p in prepared])
+            out = self.detect_resized(
+                batch, normal_anchor, anomalous_anchor, text_weight, nn_weight,
+                normalization=normalization, sigma=sigma, fg_threshold=fg_threshold,
+            )
+            for i, (_, orig_size) in enumerate(prepared):
+                results.append(self._to_result(out, i, orig_size, threshold, top_k))
+        return results[0] if single else results
+
+    def _to_result(
+        self,
+        out: dict[str, torch.Tensor],
+        i: int,
+        orig_size: tuple[int, int],
+        threshold: float | None,
+        top_k: int | None,
+    ) -> DetectionResult:
+        cfg = self.config
+        h, w = orig_size
+        anomaly_map = cv2.resize(
+            out["anomaly_map"][i].float().cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR
+        )
+        fg_mask = cv2.resize(
+            out["fg_mask"][i].cpu().numpy().astype(np.uint8), (w, h),
+            interpolation=cv2.INTER_NEAREST,
+        ).astype(bool)
+        hotspots = find_hotspots(
+            anomaly_map,
+            cfg.hotspot_threshold if threshold is None else threshold,
+            cfg.top_k if top_k is None else top_k,
+            cfg.min_hotspot_area,
+            fg_mask,
+        )
+        nn_map = out["nn_map"]
+        return DetectionResult(
+            anomaly_map=anomaly_map,
+            score=float(out["score"][i]),
+            text_map=out["text_map"][i].float().cpu().numpy(),
+            nn_map=None if nn_map is None else nn_map[i].float().cpu().numpy(),
+            fused_map=out["fused_map"][i].float().cpu().numpy(),
+            fg_mask=fg_mask,
+            hotspots=hotspots,
+            text_score=float(out["text_score"][i]),
+            normalization=str(out["normalization"]),
+            random_weights=self.random_weights,
+        )
+
+    def compute_foreground_mask(
+        self,
+        img: ImageInput,
+        threshold: float | None = None,
+        class_name: str | None = None,
+    ) -> np.ndarray:
+        """(H, W) bool foreground of an image; all True for texture classes."""
+        rgb = load_image(img)
+        thr = self.config.fg_threshold if threshold is None else threshold
+        return foreground_mask(rgb, thr, self._is_texture(class_name))

@@ -1,0 +1,334 @@
+"""Stage 04: fusion, upsampling, foreground mask, robust normalisation, smoothing,
+image score and hotspots (notebook 04).
+
+Common scale before fusion
+    The text map is a probability and the NN map a distance, so their raw values
+    are not comparable. Each is first turned into a robust z-score with the median
+    and MAD of the same map on the normal training images (computed leave one image
+    out, so a training patch never matches itself): ``z = (x - median) / (1.4826 MAD)``.
+    The fused map is ``text_weight * z_text + nn_weight * z_nn`` divided by the sum
+    of the weights, so "1" means one robust sigma of normal variation in either branch.
+    Without a memory (zero-shot) the text map is used alone.
+
+Normalisation modes (after upsampling, over foreground pixels)
+    ``per_image``: median and MAD of the image's own foreground pixels. Every image
+    gets the same centre and spread, so scores rank pixels *within* an image.
+    ``calibrated``: median and MAD of the fused maps of the normal training images,
+    so z = 3 means "3 robust sigmas above normal" and scores compare across images.
+
+Image score
+    Mean of the top ``score_top_fraction`` (1 %) of foreground pixels of the final map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .config import (
+    DEFAULT_FG_THRESHOLD,
+    DEFAULT_HOTSPOT_THRESHOLD,
+    DEFAULT_MIN_HOTSPOT_AREA,
+    DEFAULT_SCORE_TOP_FRACTION,
+    DEFAULT_TOP_K,
+)
+from .results import Hotspot
+
+#: 1.4826 * MAD estimates the standard deviation of normally distributed data.
+MAD_TO_SIGMA = 1.4826
+#: Spreads below this count as zero (constant maps): then z = 0, never inf or NaN.
+MIN_SCALE = 1e-6
+#: Foreground masks are computed at this side length at most (speed), then resized.
+FG_WORK_SIZE = 256
+#: Border width, as a fraction of the side, sampled for the background colour.
+FG_BORDER_FRACTION = 0.04
+#: A foreground smaller than this fraction of the image counts as a failed mask.
+FG_MIN_FRACTION = 0.02
+#: Components smaller than this fraction of the largest one are dropped.
+FG_KEEP_RELATIVE = 0.1
+
+
+def robust_stats(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and robust sigma (1.4826 MAD) of a 1-D tensor; sigma never below MIN_SCALE.
+
+    Falls back to the standard deviation when more than half the values are equal
+    (MAD = 0 but the data are not constant).
+
+    Example:
+        >>> robust_stats(torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0]))
+        (tensor(3.), tensor(1.4826))
+    """
+    values = values.float().flatten()
+    if values.numel() == 0:
+        return torch.tensor(0.0), torch.tensor(1.0)
+    median = values.median()
+    scale = MAD_TO_SIGMA * (values - median).abs().median()
+    if scale < MIN_SCALE:
+        scale = values.std(unbiased=False) if values.numel() > 1 else torch.tensor(0.0)
+    return median, torch.clamp(scale, min=MIN_SCALE)
+
+
+def fuse_maps(
+    text_map: torch.Tensor,
+    nn_map: torch.Tensor | None,
+    text_weight: float,
+    nn_weight: float,
+    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    nn_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Weighted mean of the text and NN maps after bringing both to z-scores.
+
+    Args:
+        text_map: (B, h, w) anomalous-probability map.
+        nn_map: (B, h, w) NN distances, or None (zero-shot: text map only).
+        text_stats, nn_stats: (median, sigma) of each map on normal images;
+            None keeps that map's raw values.
+
+    Returns:
+        (B, h, w) fused map.
+
+    Example:
+        >>> t = torch.tensor([[[0.5, 0.7]]]); n = torch.tensor([[[0.1, 0.3]]])
+        >>> stats = (torch.tensor(0.5), torch.tensor(0.1))
+        >>> fuse_maps(t, n, 0.5, 0.5, stats, (torch.tensor(0.1), torch.tensor(0.1)))
+        tensor([[[0., 2.]]])
+    """
+
+    def scaled(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if stats is None:
+            return x
+        center, scale = stats
+        return (x - center.to(x)) / scale.to(x)
+
+    if nn_map is None or nn_weight == 0:
+        return scaled(text_map, text_stats)
+    if text_weight == 0:
+        return scaled(nn_map, nn_stats)
+    total = text_weight + nn_weight
+    return (text_weight * scaled(text_map, text_stats) + nn_weight * scaled(nn_map, nn_stats)) / (
+        total
+    )
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (B, h, w) -> (B, H, W)."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[
+        :, 0
+    ]
+
+
+def robust_normalize(
+    maps: torch.Tensor,
+    fg_masks: torch.Tensor,
+    center: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Robust z-scores over foreground pixels; background set to the image's minimum.
+
+    ``per_image`` mode: leave ``center``/``scale`` None and each map uses the median
+    and 1.4826 MAD of its own foreground pixels. ``calibrated`` mode: pass the
+    statistics of normal images. Constant maps give all zeros (no NaN/inf).
+
+    Args:
+        maps: (B, H, W). fg_masks: (B, H, W) bool.
+
+    Returns:
+        (B, H, W) float32.
+
+    Example:
+        >>> m = torch.tensor([[[1.0, 2.0, 3.0, 4.0, 100.0]]])
+        >>> robust_normalize(m, torch.ones_like(m, dtype=torch.bool))
+        tensor([[[-1.3490, -0.6745,  0.0000,  0.6745, 65.4256]]])
+    """
+    maps = maps.float()
+    fg = fg_masks.bool()
+    out = torch.empty_like(maps)
+    if center is None or scale is None:
+        # Per image: median and MAD over foreground pixels (NaN marks background).
+        flat = maps.flatten(1).masked_fill(~fg.flatten(1), float("nan"))
+        med = flat.nanmedian(dim=1).values
+        mad = (flat - med[:, None]).abs().nanmedian(dim=1).values * MAD_TO_SIGMA
+        std = torch.sqrt(torch.nanmean((flat - flat.nanmean(dim=1, keepdim=True)) ** 2, dim=1))
+        sigma = torch.where(mad < MIN_SCALE, std, mad)
+        sigma = torch.nan_to_num(sigma, nan=1.0).clamp_min(MIN_SCALE)
+        med = torch.nan_to_num(med, nan=0.0)
+        z = (maps - med[:, None, None]) / sigma[:, None, None]
+    else:
+        z = (maps - center.to(maps)) / scale.to(maps).clamp_min(MIN_SCALE)
+    fg_min = z.masked_fill(~fg, float("inf")).flatten(1).amin(dim=1)
+    fg_min = torch.where(torch.isfinite(fg_min), fg_min, torch.zeros_like(fg_min))
+    out = torch.where(fg, z, fg_min[:, None, None])
+    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernel with radius ceil(3 sigma).
+
+    Example:
+        >>> gaussian_kernel1d(1.0).shape, float(gaussian_kernel1d(1.0).sum())
+        (torch.Size([7]), 1.0)
+    """
+    radius = max(1, math.ceil(3.0 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with reflect padding; sigma 0 = identity."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    radius = kernel.numel() // 2
+    x = maps[:, None]
+    pad_h = min(radius, maps.shape[-2] - 1)
+    pad_w = min(radius, maps.shape[-1] - 1)
+    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if pad_w > 0 else "replicate")
+    x = F.pad(x, (radius - pad_w, radius - pad_w, 0, 0), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect" if pad_h > 0 else "replicate")
+    x = F.pad(x, (0, 0, radius - pad_h, radius - pad_h), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def image_scores(
+    maps: torch.Tensor,
+    fg_masks: torch.Tensor,
+    top_fraction: float = DEFAULT_SCORE_TOP_FRACTION,
+) -> torch.Tensor:
+    """Mean of the top ``top_fraction`` of foreground pixels per map.
+
+    Args:
+        maps: (B, H, W). fg_masks: (B, H, W) bool.
+
+    Returns:
+        (B,) scores.
+
+    Example:
+        >>> m = torch.arange(100.0).view(1, 10, 10)
+        >>> image_scores(m, torch.ones_like(m, dtype=torch.bool), 0.02)
+        tensor([98.5000])
+    """
+    fg = fg_masks.bool().flatten(1)
+    flat = maps.float().flatten(1).masked_fill(~fg, float("-inf"))
+    n_fg = fg.sum(dim=1).clamp_min(1)
+    k_each = torch.clamp((n_fg.float() * top_fraction).ceil().long(), min=1)
+    k_max = int(k_each.max())
+    top = flat.topk(k_max, dim=1).values  # (B, k_max), sorted descending
+    keep = torch.arange(k_max, device=maps.device)[None] < k_each[:, None]
+    top = torch.where(keep & torch.isfinite(top), top, torch.zeros_like(top))
+    return top.sum(dim=1) / k_each.float()
+
+
+def foreground_mask(
+    image: np.ndarray,
+    threshold: float = DEFAULT_FG_THRESHOLD,
+    texture: bool = False,
+) -> np.ndarray:
+    """Foreground of an object photographed on a plain background (OpenCV).
+
+    The background colour is the median of a thin border (in Lab); a pixel is
+    foreground when its colour distance from it exceeds ``threshold`` times the
+    largest distance in the image. Closing, hole filling and dropping small
+    components clean the mask. Texture classes (and masks that fail: under 2 % of
+    the image) are all foreground.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+
+    Returns:
+        (H, W) bool.
+    """
+    h, w = image.shape[:2]
+    if texture:
+        return np.ones((h, w), dtype=bool)
+    scale = min(1.0, FG_WORK_SIZE / max(h, w))
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    sh, sw = small.shape[:2]
+    lab = cv2.cvtColor(cv2.GaussianBlur(small, (5, 5), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    b = max(1, round(FG_BORDER_FRACTION * min(sh, sw)))
+    border = np.concatenate(
+        [lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3), lab[:, :b].reshape(-1, 3),
+         lab[:, -b:].reshape(-1, 3)]
+    )
+    distance = np.linalg.norm(lab - np.median(border, axis=0), axis=2)
+    peak = float(distance.max())
+    if peak <= 0:
+        return np.ones((h, w), dtype=bool)
+    mask = (distance > threshold * peak).astype(np.uint8)
+    k = max(3, round(0.03 * min(sh, sw)) | 1)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n > 1:
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        keep = np.flatnonzero(areas >= FG_KEEP_RELATIVE * areas.max()) + 1
+        mask = np.isin(labels, keep).astype(np.uint8)
+    mask = cv2.dilate(mask, kernel)
+    if mask.mean() < FG_MIN_FRACTION:
+        return np.ones((h, w), dtype=bool)
+    if (sh, sw) != (h, w):
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return mask.astype(bool)
+
+
+def find_hotspots(
+    anomaly_map: np.ndarray,
+    threshold: float = DEFAULT_HOTSPOT_THRESHOLD,
+    top_k: int = DEFAULT_TOP_K,
+    min_area_fraction: float = DEFAULT_MIN_HOTSPOT_AREA,
+    fg_mask: np.ndarray | None = None,
+) -> list[Hotspot]:
+    """Top-K connected regions of ``anomaly_map > threshold``, by peak value.
+
+    Args:
+        anomaly_map: (H, W) z-score map.
+        fg_mask: optional (H, W) bool; regions are restricted to it.
+
+    Returns:
+        Up to ``top_k`` :class:`Hotspot` objects, highest peak first.
+
+    Example:
+        >>> m = np.zeros((10, 10)); m[2:4, 5:8] = 5.0
+        >>> find_hotspots(m, 3.0, 3, 0.0)[0].box
+        (5, 2, 8, 4)
+    """
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    above = values > threshold
+    if fg_mask is not None:
+        above &= fg_mask.astype(bool)
+    if top_k <= 0 or not above.any():
+        return []
+    h, w = values.shape
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(
+        above.astype(np.uint8), connectivity=8
+    )
+    index = np.arange(1, n)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    peaks = np.asarray(ndimage.maximum(values, labels, index), dtype=np.float64)
+    means = np.asarray(ndimage.mean(values, labels, index), dtype=np.float64)
+    keep = np.flatnonzero(areas >= min_area_fraction * h * w)
+    order = keep[np.argsort(-peaks[keep], kind="stable")][:top_k]
+    hotspots = []
+    for i in order:
+        x, y, bw, bh = (int(v) for v in stats[i + 1, :4])
+        hotspots.append(
+            Hotspot(
+                box=(x, y, x + bw, y + bh),
+                peak=float(peaks[i]),
+                mean=float(means[i]),
+                area=int(areas[i]),
+                area_fraction=float(areas[i]) / (h * w),
+                centroid=(float(centroids[i + 1][0]), float(centroids[i + 1][1])),
+            )
+        )
+    return hotspots
