@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from winclip_nb.metrics import (
     DEFAULT_PRO_FPR_LIMIT,
@@ -39,8 +40,8 @@ def brute_force_aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> 
         overlaps = [(predicted[i] & region).sum() / region.sum() for i, region in regions]
         pros.append(float(np.mean(overlaps)))
     # cut at the limit, interpolating between the last point inside and the first outside
-    curve = [(x, y) for x, y in zip(fprs, pros) if x <= fpr_limit]
-    outside = [(x, y) for x, y in zip(fprs, pros) if x > fpr_limit]
+    curve = [(x, y) for x, y in zip(fprs, pros, strict=True) if x <= fpr_limit]
+    outside = [(x, y) for x, y in zip(fprs, pros, strict=True) if x > fpr_limit]
     if curve[-1][0] < fpr_limit and outside:
         (x0, y0), (x1, y1) = curve[-1], outside[0]
         curve.append((fpr_limit, y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)))
@@ -102,6 +103,32 @@ def test_perfect_and_inverted_maps() -> None:
     inverted = -perfect
     assert pixel_auroc(masks, inverted) == pytest.approx(0.0)
     assert aupro(masks, inverted) == pytest.approx(0.0, abs=1e-12)
+
+
+def brute_force_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over every threshold ``score >= t``, one threshold at a time."""
+    best = 0.0
+    for threshold in np.unique(scores):
+        predicted = scores >= threshold
+        true_positives = np.sum(predicted & labels)
+        precision, recall = true_positives / predicted.sum(), true_positives / labels.sum()
+        if precision + recall > 0:
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+@pytest.mark.parametrize("decimals", [1, 2, None])
+def test_pixel_metrics_match_sklearn_on_raw_pixels(decimals: int | None) -> None:
+    # the metrics group tied scores into weighted samples; the result must not change
+    rng = np.random.default_rng(decimals or 0)
+    masks = random_blob_masks(rng, 3, 16)
+    maps = random_maps(rng, masks, decimals)
+    labels, scores = masks.ravel(), maps.ravel()
+    assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert pixel_ap(masks, maps) == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-12
+    )
+    assert f1_max(masks, maps) == pytest.approx(brute_force_f1_max(labels, scores), abs=1e-12)
 
 
 def test_float16_maps_match_float32() -> None:

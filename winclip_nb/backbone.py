@@ -33,6 +33,7 @@ from .config import (
     DEFAULT_LAYERS,
     DEFAULT_MODEL_NAME,
     DEFAULT_PRETRAINED,
+    DEFAULT_SEED,
 )
 from .errors import ConfigError, DeviceError, WeightsError
 
@@ -180,8 +181,13 @@ def load_open_clip(
     pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
     device: str | torch.device = "cpu",
     image_size: int = DEFAULT_IMAGE_SIZE,
+    seed: int = DEFAULT_SEED,
 ) -> tuple[nn.Module, object, ResolvedWeights]:
-    """Build an open_clip model, its tokenizer and the resolved weights (eval mode)."""
+    """Build an open_clip model, its tokenizer and the resolved weights (eval mode).
+
+    A random-init model is drawn from ``seed`` without touching the global RNG, so
+    the same seed always gives the same random weights.
+    """
     import open_clip
 
     weights = resolve_weights(model_name, pretrained)
@@ -192,7 +198,9 @@ def load_open_clip(
     old_level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # open_clip logs a warning on every random init
     try:
-        model = open_clip.create_model(model_name, pretrained=weights.source, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(model_name, pretrained=weights.source, **kwargs)
     except WeightsError:
         raise
     except Exception as err:  # noqa: BLE001 - open_clip raises many types for bad files
@@ -218,6 +226,7 @@ class ClipBackbone(nn.Module):
         layers: transformer blocks whose outputs are used (0-based).
         image_size: square input side in pixels.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. fp16 on CUDA, fp32 on CPU.
+        seed: seed of a random-init model (ignored for pretrained weights).
     """
 
     def __init__(
@@ -227,10 +236,13 @@ class ClipBackbone(nn.Module):
         layers: Sequence[int] = DEFAULT_LAYERS,
         image_size: int = DEFAULT_IMAGE_SIZE,
         device: str | torch.device = "auto",
+        seed: int = DEFAULT_SEED,
     ) -> None:
         super().__init__()
         self.device = resolve_device(device)
-        model, tokenizer, weights = load_open_clip(model_name, pretrained, self.device, image_size)
+        model, tokenizer, weights = load_open_clip(
+            model_name, pretrained, self.device, image_size, seed
+        )
         visual = model.visual
         n_blocks = len(getattr(getattr(visual, "transformer", None), "resblocks", []))
         if n_blocks == 0 or getattr(visual, "proj", None) is None:
@@ -252,6 +264,7 @@ class ClipBackbone(nn.Module):
         self.image_size = int(image_size)
         self.grid_size: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
         self.embed_dim = int(visual.proj.shape[1])
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.dtype)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -307,9 +320,13 @@ class ClipBackbone(nn.Module):
 
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """(P,) prompts -> (P, D) float32 L2-normalised text embeddings."""
+        """(P,) prompts -> (P, D) float32 L2-normalised text embeddings (cached)."""
+        key = tuple(prompts)
+        if key in self._text_cache:
+            return self._text_cache[key]
         chunks = []
         for start in range(0, len(prompts), batch_size):
             tokens = self.tokenizer(list(prompts[start : start + batch_size])).to(self.device)
             chunks.append(self.model.encode_text(tokens, normalize=True).float())
-        return torch.cat(chunks)
+        self._text_cache[key] = torch.cat(chunks)
+        return self._text_cache[key]

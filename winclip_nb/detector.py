@@ -92,6 +92,7 @@ class WinCLIP(nn.Module):
             self.config.layers,
             self.config.image_size,
             self.config.device,
+            self.config.seed,
         )
         self.memory: NormalMemory | None = None
         self.class_name: str | None = None

@@ -19,24 +19,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-)
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-METRIC_KEYS = (
-    "image_auroc",
-    "pixel_auroc",
-    "pixel_ap",
-    "aupro",
-    "pixel_f1_max",
-    "image_f1_max",
-)
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "pixel_f1_max", "image_f1_max")
 #: AUPRO integrates the per-region-overlap curve from FPR 0 up to this FPR.
 DEFAULT_PRO_FPR_LIMIT = 0.3
 
@@ -72,7 +62,7 @@ def _binary(labels: np.ndarray, name: str) -> np.ndarray:
 
 
 def _finite_scores(scores: np.ndarray, name: str) -> np.ndarray:
-    """Scores as float32/float64 (float16 and integers become float32, no precision lost)."""
+    """Scores as float32/float64 (other dtypes, e.g. float16, are cast to float32)."""
     if scores.dtype not in (np.float32, np.float64):
         scores = scores.astype(np.float32)
     if not np.isfinite(scores).all():
@@ -102,37 +92,70 @@ def _check_pixel_level(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, n
     return _binary(masks_arr, "masks"), _finite_scores(maps_arr, "maps")
 
 
-def _both_classes(labels: np.ndarray) -> bool:
-    """True if ``labels`` (bool) holds at least one True and one False."""
-    n_positive = int(np.count_nonzero(labels))
-    return 0 < n_positive < labels.size
+class _TieGroups(NamedTuple):
+    """Scores grouped by (value, class): the input of scikit-learn as weighted samples.
+
+    Ranking metrics only see how many positives and negatives share each score, so
+    ``k`` equal scores of one class become one sample of weight ``k``: the result
+    is unchanged, and on float16 maps (at most 65536 distinct values) scikit-learn
+    sorts at most 2 x 65536 samples instead of every pixel.
+    """
+
+    scores: np.ndarray  # (G,) one score per group
+    labels: np.ndarray  # (G,) bool class of the group
+    counts: np.ndarray  # (G,) float64 number of samples in the group
+
+    def both_classes(self) -> bool:
+        return bool(self.labels.any() and not self.labels.all())
 
 
-# --- metrics on checked, flattened arrays ---------------------------------------------------
+def _distinct_counts(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort ``scores`` (a copy the caller owns) in place; return distinct values and counts.
+
+    Example: ``[0.5, 0.1, 0.5]`` -> ``([0.1, 0.5], [1, 2])``.
+    """
+    scores.sort()
+    is_first = np.ones(scores.size, dtype=bool)
+    np.not_equal(scores[1:], scores[:-1], out=is_first[1:])
+    first = np.flatnonzero(is_first)
+    return scores[first], np.diff(np.append(first, scores.size))
 
 
-def _auroc(labels: np.ndarray, scores: np.ndarray, metric: str) -> float:
-    if not _both_classes(labels):
+def _tie_groups(labels: np.ndarray, scores: np.ndarray) -> _TieGroups:
+    """Group flat bool ``labels`` ``(M,)`` and float ``scores`` ``(M,)`` by (score, class)."""
+    positive_scores, positive_counts = _distinct_counts(scores[labels])
+    negative_scores, negative_counts = _distinct_counts(scores[~labels])
+    return _TieGroups(
+        scores=np.concatenate([positive_scores, negative_scores]),
+        labels=np.repeat([True, False], [positive_scores.size, negative_scores.size]),
+        counts=np.concatenate([positive_counts, negative_counts]).astype(np.float64),
+    )
+
+
+# --- metrics on checked, grouped arrays -----------------------------------------------------
+
+
+def _auroc(groups: _TieGroups, metric: str) -> float:
+    if not groups.both_classes():
         return _undefined(metric, "the ground truth holds only one class")
-    return float(roc_auc_score(labels, scores))
+    return float(roc_auc_score(groups.labels, groups.scores, sample_weight=groups.counts))
 
 
-def _average_precision(labels: np.ndarray, scores: np.ndarray, metric: str) -> float:
-    if not _both_classes(labels):
+def _average_precision(groups: _TieGroups, metric: str) -> float:
+    if not groups.both_classes():
         return _undefined(metric, "the ground truth holds only one class")
-    return float(average_precision_score(labels, scores))
+    return float(average_precision_score(groups.labels, groups.scores, sample_weight=groups.counts))
 
 
-def _f1_max(labels: np.ndarray, scores: np.ndarray, metric: str) -> float:
-    if not _both_classes(labels):
+def _f1_max(groups: _TieGroups, metric: str) -> float:
+    if not groups.both_classes():
         return _undefined(metric, "the ground truth holds only one class")
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    precision, recall, _ = precision_recall_curve(
+        groups.labels, groups.scores, sample_weight=groups.counts
+    )
     denominator = precision + recall
     f1 = np.divide(
-        2 * precision * recall,
-        denominator,
-        out=np.zeros_like(denominator),
-        where=denominator > 0,
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
     )
     return float(f1.max())
 
@@ -201,7 +224,8 @@ def _aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) -> float:
         pro_limit = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
         fpr_cut = np.append(fpr_cut, fpr_limit)
         pro_cut = np.append(pro_cut, pro_limit)
-    return float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+    area = np.sum(np.diff(fpr_cut) * (pro_cut[1:] + pro_cut[:-1]) / 2)  # trapezoid rule
+    return float(area / fpr_limit)
 
 
 # --- public metrics ------------------------------------------------------------------------
@@ -214,8 +238,7 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
         >>> image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])  # 3 of 4 pairs ranked right
         0.75
     """
-    labels_flat, scores_flat = _check_image_level(labels, scores)
-    return _auroc(labels_flat, scores_flat, "image_auroc")
+    return _auroc(_tie_groups(*_check_image_level(labels, scores)), "image_auroc")
 
 
 def f1_max(labels: ArrayLike, scores: ArrayLike) -> float:
@@ -225,20 +248,19 @@ def f1_max(labels: ArrayLike, scores: ArrayLike) -> float:
         >>> round(f1_max([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]), 6)  # t = 0.35: P 2/3, R 1
         0.8
     """
-    labels_flat, scores_flat = _check_image_level(labels, scores)
-    return _f1_max(labels_flat, scores_flat, "f1_max")
+    return _f1_max(_tie_groups(*_check_image_level(labels, scores)), "f1_max")
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """ROC AUC of all pixels: ``masks`` ``(N, H, W)`` bool, ``maps`` ``(N, H, W)`` float."""
     masks_arr, maps_arr = _check_pixel_level(masks, maps)
-    return _auroc(masks_arr.ravel(), maps_arr.ravel(), "pixel_auroc")
+    return _auroc(_tie_groups(masks_arr.ravel(), maps_arr.ravel()), "pixel_auroc")
 
 
 def pixel_ap(masks: ArrayLike, maps: ArrayLike) -> float:
     """Average precision of all pixels: ``masks`` ``(N, H, W)`` bool, ``maps`` float."""
     masks_arr, maps_arr = _check_pixel_level(masks, maps)
-    return _average_precision(masks_arr.ravel(), maps_arr.ravel(), "pixel_ap")
+    return _average_precision(_tie_groups(masks_arr.ravel(), maps_arr.ravel()), "pixel_ap")
 
 
 def aupro(masks: ArrayLike, maps: ArrayLike, fpr_limit: float = DEFAULT_PRO_FPR_LIMIT) -> float:
@@ -285,12 +307,13 @@ def compute_metrics(
         )
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-    pixel_labels, pixel_scores = masks_arr.ravel(), maps_arr.ravel()
+    image_groups = _tie_groups(labels_flat, scores_flat)
+    pixel_groups = _tie_groups(masks_arr.ravel(), maps_arr.ravel())
     return {
-        "image_auroc": _auroc(labels_flat, scores_flat, "image_auroc"),
-        "pixel_auroc": _auroc(pixel_labels, pixel_scores, "pixel_auroc"),
-        "pixel_ap": _average_precision(pixel_labels, pixel_scores, "pixel_ap"),
+        "image_auroc": _auroc(image_groups, "image_auroc"),
+        "pixel_auroc": _auroc(pixel_groups, "pixel_auroc"),
+        "pixel_ap": _average_precision(pixel_groups, "pixel_ap"),
         "aupro": _aupro(masks_arr, maps_arr, float(fpr_limit)),
-        "pixel_f1_max": _f1_max(pixel_labels, pixel_scores, "pixel_f1_max"),
-        "image_f1_max": _f1_max(labels_flat, scores_flat, "image_f1_max"),
+        "pixel_f1_max": _f1_max(pixel_groups, "pixel_f1_max"),
+        "image_f1_max": _f1_max(image_groups, "image_f1_max"),
     }
