@@ -142,7 +142,5 @@ def check_fusion_weights(text_weight: float, nn_weight: float) -> tuple[float, f
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
             raise ConfigError(f"{name} must be a finite number >= 0, got {w!r}")
     if text_weight + nn_weight <= 0:
-        raise ConfigError(
-            f"text_weight + nn_weight must be > 0, got {text_weight} + {nn_weight}"
-        )
+        raise ConfigError(f"text_weight + nn_weight must be > 0, got {text_weight} + {nn_weight}")
     return float(text_weight), float(nn_weight)

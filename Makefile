@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine: `make benchmark` and `make test`.
+# Each creates .venv and installs what it needs on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Reference mode: offline, random weights, synthetic data, CPU (see winclip_nb/notebooks.py).
+REFERENCE_ENV := WINCLIP_NB_REFERENCE=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=
+
+.PHONY: install test unit-test nbval benchmark notebooks speed lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make test: unit tests and the executed notebooks (nbval), offline
+test: $(STAMP)
+	$(REFERENCE_ENV) $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
+unit-test: $(STAMP)
+	$(REFERENCE_ENV) $(PY) -m pytest tests -p no:cacheprovider
+
+nbval: $(STAMP)
+	$(REFERENCE_ENV) $(PY) -m pytest notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
+## make benchmark: the benchmark with defaults ($$MVTEC_ROOT if set, else the synthetic set)
+benchmark: $(STAMP)
+	$(VENV)/bin/winclip-nb benchmark $(ARGS)
+
+## make notebooks: re-execute the committed notebooks in reference mode
+notebooks: $(STAMP)
+	$(REFERENCE_ENV) $(VENV)/bin/winclip-nb run-notebooks --in-place --reference
+
+speed: $(STAMP)
+	$(PY) benchmarks/throughput.py --device auto --weights random $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check winclip_nb tests benchmarks
+
+clean:
+	rm -rf $(VENV) results .pytest_cache
