@@ -210,10 +210,10 @@ def random_weights_banner(fig: Figure, text: str = RANDOM_WEIGHTS_BANNER) -> Tex
     """Write the RANDOM WEIGHTS warning across the bottom of ``fig``; return the text artist."""
     return fig.text(
         0.5,
-        0.0,
+        0.01,
         text,
         ha="center",
-        va="top",
+        va="bottom",
         wrap=True,
         fontsize=8,
         color="white",
