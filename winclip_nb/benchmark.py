@@ -56,6 +56,7 @@ from .config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CORESET_RATIO,
     DEFAULT_DEVICE,
+    DEFAULT_HOTSPOT_THRESHOLD,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LAYERS,
     DEFAULT_MODEL_NAME,
@@ -65,6 +66,7 @@ from .config import (
     DEFAULT_SIGMA,
     DEFAULT_TEXT_WEIGHT,
     NORMALIZATION_MODES,
+    WinCLIPConfig,
     check_coreset_ratio,
     check_fusion_weights,
 )
@@ -238,6 +240,17 @@ class BenchmarkConfig:
             )
         if self.classes is not None and not list(self.classes):
             raise ConfigError("classes must name at least one class (or be None for all)")
+        # The detector's own checks (layers distinct, image_size >= 32, sigma >= 0, ...),
+        # here so that a bad setting stops the run before any model is built.
+        WinCLIPConfig(
+            model_name=self.model_name,
+            layers=tuple(int(i) for i in self.layers),
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            text_weight=self.text_weight,
+            nn_weight=self.nn_weight,
+            sigma=self.sigma,
+        ).validate()
         return dataclasses.replace(
             self,
             k_shot=k_shot,
@@ -308,6 +321,28 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> tuple[Path, bool]:
     if not root.is_dir():
         raise DataError(f"dataset root is not a folder: {root}")
     return root, is_synthetic_root(root)
+
+
+def check_layers(model_name: str, layers: Sequence[int]) -> tuple[int, ...]:
+    """Layer indices valid for the vision transformer of ``model_name``, checked from
+    open_clip's model config without building the model (unknown depth: not checked).
+
+    >>> check_layers("ViT-B-16", [9, 10, 11])
+    (9, 10, 11)
+    """
+    import open_clip
+
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}
+    n_blocks = vision.get("layers")
+    indices = tuple(int(i) for i in layers)
+    if isinstance(n_blocks, int):
+        bad = [i for i in indices if not 0 <= i < n_blocks]
+        if bad:
+            raise ConfigError(
+                f"unknown layer indices {bad} for {model_name}: it has {n_blocks} transformer "
+                f"blocks, valid indices are 0..{n_blocks - 1}"
+            )
+    return indices
 
 
 def _package_versions() -> dict[str, str]:
@@ -1005,6 +1040,7 @@ def run_benchmark(
 
     weights_requested = cfg.weights or ("auto" if synthetic else "openai")
     resolved = resolve_weights(cfg.model_name, weights_requested)
+    check_layers(cfg.model_name, cfg.layers)
     # A tag is passed on as a tag (it carries open_clip's quick_gelu setting), never a file.
     weights_arg = (
         "random"
@@ -1031,6 +1067,18 @@ def run_benchmark(
     models: dict[int | None, Any] = {}
     explainer = None
     todo = [n for n in names if cfg.force or n not in _finished_classes(out, fingerprint)]
+    if cfg.explain and todo:
+        # Loaded before any class is computed: a LLaVA that cannot be loaded (missing,
+        # offline, out of memory) falls back to rule-based with a notice instead of
+        # failing after the metrics of a class were computed but not yet saved.
+        from .explain import DEFAULT_LLAVA_MODEL, load_explainer
+
+        explainer = load_explainer(
+            "auto" if cfg.llava else False,
+            cfg.llava_model or DEFAULT_LLAVA_MODEL,
+            device=str(device),
+            threshold=DEFAULT_HOTSPOT_THRESHOLD,
+        )
     overall = _progress_bar(len(todo) * len(cfg.seeds), "benchmark", progress and bool(todo))
     try:
         for name in names:
@@ -1066,15 +1114,7 @@ def run_benchmark(
                 )
                 result["examples_figure"] = None if figure is None else str(figure)
             if cfg.explain:
-                if explainer is None:
-                    from .explain import DEFAULT_LLAVA_MODEL, load_explainer
-
-                    explainer = load_explainer(
-                        bool(cfg.llava),
-                        cfg.llava_model or DEFAULT_LLAVA_MODEL,
-                        device=str(device),
-                        threshold=winclip.config.hotspot_threshold,
-                    )
+                result["explainer"] = getattr(explainer, "name", "rule-based")
                 result["explanations"] = _explain_top(
                     winclip,
                     class_data[name],
@@ -1385,7 +1425,8 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--llava",
         action="store_true",
-        help="explain with LLaVA-OneVision instead of the rule-based explainer",
+        help="explain with LLaVA-OneVision instead of the rule-based explainer "
+        "(if LLaVA cannot be loaded: rule-based, with a notice)",
     )
     run.add_argument("--llava-model", default=None, help="hub id or local folder of LLaVA")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -713,14 +713,20 @@ def load_explainer(
     """The explainer to use.
 
     ``False``: rule-based. ``True``: LLaVA, or :class:`ExplainerError` naming the model and
-    the cause. ``"auto"``: LLaVA if it loads, else a one-line notice and rule-based.
+    the cause. ``"auto"``: LLaVA if it loads, else a one-line notice on stderr (naming the
+    model and the cause, e.g. out of memory) and rule-based.
     """
     if use_llava is False or (isinstance(use_llava, str) and use_llava.lower() in {"no", "off"}):
         return RuleBasedExplainer(threshold)
     if use_llava not in (True, "auto"):
         raise ExplainerError(f"use_llava must be True, False or 'auto', got {use_llava!r}")
     try:
-        return LlavaExplainer.from_pretrained(llava_model, device=device, threshold=threshold)
+        try:
+            return LlavaExplainer.from_pretrained(llava_model, device=device, threshold=threshold)
+        except (RuntimeError, MemoryError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+            raise ExplainerError(
+                f"cannot load LLaVA model {llava_model}: {type(exc).__name__}: {exc}"
+            ) from exc
     except ExplainerError as exc:
         if use_llava is True:
             raise
@@ -1059,6 +1065,10 @@ def run_explain_cli(args: argparse.Namespace) -> int:
     the files went and one summary line per image. Returns the exit code (0)."""
     from .detector import WinCLIP
 
+    # Paths are checked before the model is built (which takes seconds to minutes).
+    missing = [str(path) for path in args.images if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"image file(s) not found or not a file: {', '.join(missing)}")
     train_images = list_images(args.train_dir)
     if not train_images:
         raise DataError(f"no images found in --train-dir {args.train_dir}")
