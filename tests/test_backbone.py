@@ -40,8 +40,8 @@ def test_unknown_tag_and_model():
 
 
 def test_pretrained_tag_offline_fails_fast_with_remedies(monkeypatch):
-    monkeypatch.setattr(backbone, "_cached_tag_file", lambda *a: None)
-    monkeypatch.setattr(backbone, "_hub_reachable", lambda *a: False)
+    monkeypatch.setattr(backbone, "cached_tag_file", lambda *a: None)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda *a: False)
     start = time.perf_counter()
     with pytest.raises(WeightsError) as info:
         resolve_weights("ViT-B-16", "openai")
@@ -51,8 +51,8 @@ def test_pretrained_tag_offline_fails_fast_with_remedies(monkeypatch):
 
 
 def test_auto_falls_back_to_random_offline(monkeypatch):
-    monkeypatch.setattr(backbone, "_cached_tag_file", lambda *a: None)
-    monkeypatch.setattr(backbone, "_hub_reachable", lambda *a: False)
+    monkeypatch.setattr(backbone, "cached_tag_file", lambda *a: None)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda *a: False)
     w = resolve_weights("ViT-B-16", "auto")
     assert w.random and "auto" in w.label
 
@@ -60,14 +60,14 @@ def test_auto_falls_back_to_random_offline(monkeypatch):
 def test_cached_tag_loads_from_the_cached_file(monkeypatch, tmp_path):
     cached = tmp_path / "open_clip_model.safetensors"
     cached.write_bytes(b"x")
-    monkeypatch.setattr(backbone, "_cached_tag_file", lambda *a: str(cached))
+    monkeypatch.setattr(backbone, "cached_tag_file", lambda *a: str(cached))
     w = resolve_weights("ViT-B-16", "openai")
     assert w.source == str(cached) and w.label == "openai" and w.quick_gelu
 
 
 def test_hub_probe_respects_offline_variable(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert backbone._hub_reachable() is False
+    assert backbone.hub_reachable() is False
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

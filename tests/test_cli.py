@@ -168,9 +168,9 @@ def test_settings_errors_stop_before_any_model(data, tmp_path, capsys, no_model)
 def test_real_data_defaults_to_openai_and_fails_fast_offline(
     data, tmp_path, capsys, no_model, restore_offline_env
 ):
-    from winclip_nb.backbone import _cached_tag_file
+    from winclip_nb.backbone import cached_tag_file
 
-    if _cached_tag_file("ViT-B-16", "openai"):
+    if cached_tag_file("ViT-B-16", "openai"):
         pytest.skip("the openai checkpoint is cached on this machine")
     (data / "SYNTHETIC.json").unlink()  # now it looks like a real dataset
     argv = [a for a in bench(data, tmp_path / "o") if a not in ("--weights", "random")]
@@ -236,9 +236,9 @@ def test_prefetch_checks_an_mvtec_folder(tiny_root, capsys):
 
 
 def test_prefetch_offline_fails_with_one_line(capsys, restore_offline_env):
-    from winclip_nb.backbone import _cached_tag_file
+    from winclip_nb.backbone import cached_tag_file
 
-    if _cached_tag_file("ViT-B-16", "openai"):
+    if cached_tag_file("ViT-B-16", "openai"):
         pytest.skip("the openai checkpoint is cached on this machine")
     assert cli.main(["--offline", "prefetch", "--no-llava"]) == 2
     line = single_error_line(capsys.readouterr().err)

@@ -1,8 +1,7 @@
 """Bad input gets a clear error, nothing computed is lost, results are reproducible.
 
 Case -> the tests that cover it (``file::name``); cases covered by another module's tests
-are referenced there, not repeated here. (xfail) marks a known bug in a module not edited
-here: the test fails until it is fixed, then its marker must go.
+are referenced there, not repeated here.
 
 Paths and folders
   data root / class folder missing, empty train/good, class without train/good
@@ -78,8 +77,8 @@ Memory banks: safetensors only, matching metadata
       test_detector::test_memory_from_other_layers_is_refused
       test_errors::test_pickled_memory_banks_are_never_unpickled
       test_errors::test_memory_bank_of_another_model_is_refused
-      test_errors::test_memory_bank_without_its_tensors_is_refused (xfail)
-      test_errors::test_assigning_a_memory_uses_its_own_calibration (xfail)
+      test_errors::test_memory_bank_without_its_tensors_is_refused
+      test_errors::test_assigning_a_memory_uses_its_own_calibration
 Nothing lost: a crash in the 2nd class keeps the 1st; the rerun skips it
       test_errors::test_crash_in_the_second_class_keeps_the_first
       test_benchmark::test_rerun_skips_finished_classes_without_computing
@@ -238,9 +237,6 @@ def disc_memory(winclip, disc_bank):
     memory, anchors = disc_bank
     winclip.memory = memory
     winclip.class_name = "disc"
-    # Assigning a memory keeps the calibration of the previous one (see
-    # test_assigning_a_memory_uses_its_own_calibration), so it is cleared by hand.
-    winclip._calibration_cache.clear()
     return anchors
 
 
@@ -344,11 +340,6 @@ def test_black_and_white_images_with_a_constant_memory(winclip, disc_memory):
     assert all(all_finite(r) and r.nn_map is None for r in zero_shot)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WinCLIP.calibration() caches per (text_weight, nn_weight) only, so after "
-    "`winclip.memory = other` the previous memory's statistics are used",
-)
 def test_assigning_a_memory_uses_its_own_calibration(winclip, disc_memory, root):
     image = root / "disc" / "test" / "hole" / "000.png"
     expected = winclip.detect(image, *disc_memory).anomaly_map
@@ -406,10 +397,6 @@ def test_pickled_memory_banks_are_never_unpickled(tmp_path):
         NormalMemory.load(plain)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NormalMemory.load reads tensors['bank'] outside its try block: KeyError 'bank'",
-)
 def test_memory_bank_without_its_tensors_is_refused(tmp_path):
     from safetensors.torch import save_file
 

@@ -423,7 +423,7 @@ def test_uncached_hub_id_fails_fast_when_offline(monkeypatch):
     # Not flagged offline, but the hub does not answer: no minutes of download retries.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(backbone, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(backbone, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ExplainerError, match="no-such-org/no-such-llava.*cannot be reached"):
         E.load_explainer(True, "no-such-org/no-such-llava")
 

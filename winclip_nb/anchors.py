@@ -106,7 +106,7 @@ def text_map(
         tensor([[0.2689, 0.7311]])
     """
     anchors = torch.stack([normal_anchor, anomalous_anchor]).to(patch_tokens)  # (2, D)
-    logits = temperature * patch_tokens @ anchors.T  # (B, L, N, 2)
+    logits = (patch_tokens @ anchors.T) * temperature  # (B, L, N, 2)
     return logits.softmax(dim=-1)[..., 1].mean(dim=1)
 
 

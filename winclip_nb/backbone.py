@@ -80,7 +80,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
     """True when the model hub answers a TCP connect within ``timeout`` seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
@@ -95,7 +95,7 @@ def _hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
-def _cached_tag_file(model_name: str, tag: str) -> str | None:
+def cached_tag_file(model_name: str, tag: str) -> str | None:
     """Path of an already-downloaded checkpoint for ``(model_name, tag)``, if any."""
     import open_clip
 
@@ -152,7 +152,7 @@ def resolve_weights(model_name: str, pretrained: str | os.PathLike | None) -> Re
 
     if text.lower() == AUTO_WEIGHTS:
         tag = DEFAULT_PRETRAINED if DEFAULT_PRETRAINED in tags else (tags[0] if tags else None)
-        if tag is not None and (_cached_tag_file(model_name, tag) or _hub_reachable()):
+        if tag is not None and (cached_tag_file(model_name, tag) or hub_reachable()):
             return resolve_weights(model_name, tag)
         log.warning("weights='auto': no cached checkpoint and no hub access, using random init")
         return ResolvedWeights(label="random (auto: offline)", source=None, random=True)
@@ -163,10 +163,10 @@ def resolve_weights(model_name: str, pretrained: str | os.PathLike | None) -> Re
             "or pass a checkpoint file path, or 'random'"
         )
     quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, text).get("quick_gelu", False))
-    cached = _cached_tag_file(model_name, text)
+    cached = cached_tag_file(model_name, text)
     if cached:
         return ResolvedWeights(label=text, source=cached, random=False, quick_gelu=quick_gelu)
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsError(
             f"cannot load pretrained weights {model_name}/{text}: the model hub is not reachable "
             "and the checkpoint is not in the local cache. Remedies: run `winclip-nb prefetch` "
@@ -271,6 +271,9 @@ class ClipBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.mean = self.mean.to(self.device)
         self.std = self.std.to(self.device)
+        # (u8 / 255 - mean) / std as one multiply-add: u8 * pixel_scale + pixel_shift.
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * self.std), persistent=False)
+        self.register_buffer("pixel_shift", -self.mean / self.std, persistent=False)
 
     @property
     def random_weights(self) -> bool:
@@ -287,10 +290,12 @@ class ClipBackbone(nn.Module):
 
     def to_pixels(self, images_u8: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) uint8 -> (B, 3, S, S) CLIP-normalised, on the model's device/dtype."""
-        x = torch.as_tensor(images_u8).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        return x.to(self.dtype)
+        x = torch.as_tensor(images_u8)
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            # uint8 crosses the bus (4x less than float); pinned, so the copy is async.
+            x = x if x.is_pinned() else x.pin_memory()
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return torch.addcmul(self.pixel_shift, x, self.pixel_scale).to(self.dtype)
 
     @torch.inference_mode()
     def forward(self, images_u8: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,7 +206,7 @@ def _check_mvtec(root: str) -> None:
 
 
 def _prefetch_clip(model_name: str, weights: str) -> None:
-    from .backbone import _cached_tag_file, load_open_clip, resolve_weights
+    from .backbone import cached_tag_file, load_open_clip, resolve_weights
 
     resolved = resolve_weights(model_name, weights)
     if resolved.random:
@@ -216,14 +216,14 @@ def _prefetch_clip(model_name: str, weights: str) -> None:
     if resolved.source and os.path.isfile(resolved.source):
         where = resolved.source
     else:
-        where = _cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
+        where = cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
     print(f"CLIP {model_name}/{resolved.label}: cached at {where}")
 
 
 def _prefetch_llava(model_id: str) -> None:
     from huggingface_hub import snapshot_download
 
-    from .backbone import _hub_reachable
+    from .backbone import hub_reachable
     from .errors import WeightsError
 
     if Path(model_id).expanduser().is_dir():
@@ -235,7 +235,7 @@ def _prefetch_llava(model_id: str) -> None:
         return
     except Exception:  # noqa: BLE001 - not cached yet: download below
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
         raise WeightsError(
             f"cannot download LLaVA model {model_id}: the model hub is not reachable (offline, "
             "or HF_HUB_OFFLINE is set); run prefetch on a machine with network access"

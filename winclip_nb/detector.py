@@ -11,8 +11,10 @@ Example (offline, random weights):
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,37 @@ from .memory import NormalMemory, greedy_coreset
 from .results import DetectionResult
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # Any: PIL.Image.Image
+
+#: Most threads used to decode images and compute foreground masks (OpenCV and PIL
+#: release the GIL, so these run in parallel).
+MAX_HOST_WORKERS = 8
+_HOST_POOL: ThreadPoolExecutor | None = None
+_HOST_POOL_LOCK = threading.Lock()
+
+
+def _host_pool() -> ThreadPoolExecutor:
+    """A shared thread pool for per-image host work (decoding, foreground masks)."""
+    global _HOST_POOL
+    with _HOST_POOL_LOCK:
+        if _HOST_POOL is None:
+            workers = max(1, min(MAX_HOST_WORKERS, os.cpu_count() or 1))
+            _HOST_POOL = ThreadPoolExecutor(workers, thread_name_prefix="winclip_nb")
+        return _HOST_POOL
+
+
+def _map_images(fn: Any, items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, spread over the host pool when there are several."""
+    if len(items) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(x) for x in items]
+    return list(_host_pool().map(fn, items))
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """numpy -> tensor on ``device``; to CUDA through pinned memory, without a host sync."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -96,7 +129,6 @@ class WinCLIP(nn.Module):
         )
         self.memory: NormalMemory | None = None
         self.class_name: str | None = None
-        self._calibration_cache: dict[tuple[float, float], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ basics
     @property
@@ -181,9 +213,8 @@ class WinCLIP(nn.Module):
         if not images:
             raise ConfigError("build_normal_memory needs at least one normal image, got none")
         seed = self.config.seed if seed is None else int(seed)
-        resized = [self.prepare(img)[0] for img in images]
-        texture = self._is_texture()
-        fg_work = np.stack([foreground_mask(r, self.config.fg_threshold, texture) for r in resized])
+        resized = [prepared[0] for prepared in _map_images(self.prepare, images)]
+        fg_work = self._foreground_masks(resized, self.config.fg_threshold)
         tokens, _ = self.extract(resized, progress=progress)  # (n, L, N, D)
         n_img, n_layers, n_patch, dim = tokens.shape
 
@@ -205,12 +236,15 @@ class WinCLIP(nn.Module):
             tokens, self.config.nn_chunk_size, query_groups, memory_groups.to(tokens.device)
         )
         memory.train_nn_maps = nn_train.view(n_img, h, w).cpu()
-        txt = text_map(tokens, normal_anchor.to(tokens), anomalous_anchor.to(tokens),
-                       self.config.text_temperature)
+        txt = text_map(
+            tokens,
+            normal_anchor.to(tokens),
+            anomalous_anchor.to(tokens),
+            self.config.text_temperature,
+        )
         memory.train_text_maps = txt.view(n_img, h, w).cpu()
         memory.train_fg_masks = torch.from_numpy(fg_work.astype(np.uint8))
         self.memory = memory
-        self._calibration_cache.clear()
         return memory
 
     def _memory_metadata(self, ratio: float, n_images: int, seed: int) -> dict[str, Any]:
@@ -245,10 +279,16 @@ class WinCLIP(nn.Module):
         memory = NormalMemory.load(path, expected)
         self.memory = memory.to(self.device)
         self.class_name = self.class_name or memory.metadata.get("class_name")
-        self._calibration_cache.clear()
         return self.memory
 
     # ------------------------------------------------------ 04 calibration
+    def _foreground_masks(self, images: Sequence[np.ndarray], threshold: float) -> np.ndarray:
+        """(B, S, S) bool foreground masks of resized images, in parallel on the host."""
+        texture = self._is_texture()
+        if texture:
+            return np.ones((len(images), *np.shape(images[0])[:2]), dtype=bool)
+        return np.stack(_map_images(lambda img: foreground_mask(img, threshold, False), images))
+
     def _patch_fg(self, fg_work: torch.Tensor) -> torch.Tensor:
         """(n, S, S) masks -> (n, h, w) bool: patches at least half foreground."""
         pooled = F.adaptive_avg_pool2d(fg_work[:, None].float(), self.grid_size)[:, 0]
@@ -262,11 +302,11 @@ class WinCLIP(nn.Module):
         fused, upsampled training maps.
         """
         key = (float(text_weight), float(nn_weight))
-        if key in self._calibration_cache:
-            return self._calibration_cache[key]
         mem = self.memory
         if mem is None or mem.train_nn_maps.numel() == 0:
             raise MemoryBankError("no calibration data: build_normal_memory first")
+        if key in mem.calibration_cache:
+            return mem.calibration_cache[key]
         fg_work = mem.train_fg_masks.bool()
         fg_patch = self._patch_fg(fg_work)
         text_stats = robust_stats(mem.train_text_maps[fg_patch])
@@ -276,8 +316,10 @@ class WinCLIP(nn.Module):
         )
         size = (self.config.image_size, self.config.image_size)
         map_stats = robust_stats(upsample_maps(fused, size)[fg_work])
-        stats = {"text_stats": text_stats, "nn_stats": nn_stats, "map_stats": map_stats}
-        self._calibration_cache[key] = stats
+        # Kept on the model's device, so detection never copies them again.
+        computed = {"text_stats": text_stats, "nn_stats": nn_stats, "map_stats": map_stats}
+        stats = {name: tuple(v.to(self.device) for v in pair) for name, pair in computed.items()}
+        mem.calibration_cache[key] = stats
         return stats
 
     # ---------------------------------------------------------- 01-04 detect
@@ -315,10 +357,19 @@ class WinCLIP(nn.Module):
         sigma = cfg.sigma if sigma is None else float(sigma)
         fg_thr = cfg.fg_threshold if fg_threshold is None else float(fg_threshold)
 
-        images_np = resized.cpu().numpy() if isinstance(resized, torch.Tensor) else resized
-        texture = self._is_texture()
-        fg_np = np.stack([foreground_mask(img, fg_thr, texture) for img in images_np])
-        fg = torch.from_numpy(fg_np).to(self.device)
+        # Foreground masks are OpenCV work on the host: on CPU they run first (in
+        # parallel over images); on CUDA they overlap the queued GPU work below.
+        n_images, side = int(resized.shape[0]), int(resized.shape[1])
+        fg_pending: list[Future] = []
+        if self._is_texture():
+            fg = torch.ones((n_images, side, side), dtype=torch.bool, device=self.device)
+        else:
+            images_np = resized.cpu().numpy() if isinstance(resized, torch.Tensor) else resized
+            if self.device.type == "cuda":
+                pool = _host_pool()
+                fg_pending = [pool.submit(foreground_mask, img, fg_thr) for img in images_np]
+            else:
+                fg = _to_device(self._foreground_masks(images_np, fg_thr), self.device)
 
         tokens, image_embedding = self.backbone(resized)
         b = tokens.shape[0]
@@ -342,6 +393,8 @@ class WinCLIP(nn.Module):
             stats = self.calibration(tw, nw)
             fused = fuse_maps(txt, nn_map, tw, nw, stats["text_stats"], stats["nn_stats"])
 
+        if fg_pending:
+            fg = _to_device(np.stack([job.result() for job in fg_pending]), self.device)
         size = (cfg.image_size, cfg.image_size)
         up = upsample_maps(fused, size)
         if mode == "calibrated":
@@ -389,12 +442,20 @@ class WinCLIP(nn.Module):
         results: list[DetectionResult] = []
         starts = range(0, len(images), bs)
         for start in _progress(starts, len(starts), "detect", progress):
-            prepared = [self.prepare(img) for img in images[start : start + bs]]
+            prepared = _map_images(self.prepare, images[start : start + bs])
             batch = np.stack([p[0] for p in prepared])
             out = self.detect_resized(
-                batch, normal_anchor, anomalous_anchor, text_weight, nn_weight,
-                normalization=normalization, sigma=sigma, fg_threshold=fg_threshold,
+                batch,
+                normal_anchor,
+                anomalous_anchor,
+                text_weight,
+                nn_weight,
+                normalization=normalization,
+                sigma=sigma,
+                fg_threshold=fg_threshold,
             )
+            # One copy of the whole batch to the host, not one per image and map.
+            out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
             for i, (_, orig_size) in enumerate(prepared):
                 results.append(self._to_result(out, i, orig_size, threshold, top_k))
         return results[0] if single else results
@@ -413,7 +474,8 @@ class WinCLIP(nn.Module):
             out["anomaly_map"][i].float().cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR
         )
         fg_mask = cv2.resize(
-            out["fg_mask"][i].cpu().numpy().astype(np.uint8), (w, h),
+            out["fg_mask"][i].cpu().numpy().astype(np.uint8),
+            (w, h),
             interpolation=cv2.INTER_NEAREST,
         ).astype(bool)
         hotspots = find_hotspots(

@@ -559,9 +559,9 @@ def resolve_llava_source(model_id_or_path: str | Path) -> str:
                 "network access or pass a local folder"
             ) from exc
         # Without this probe an offline machine spends minutes in download retries.
-        from .backbone import _hub_reachable
+        from .backbone import hub_reachable
 
-        if not _hub_reachable():
+        if not hub_reachable():
             raise ExplainerError(
                 f"LLaVA model {source} is not in the local Hugging Face cache and the hub "
                 "cannot be reached (offline?); download it once with network access or pass "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ from .errors import MemoryBankError
 #: Metadata keys that must match between a saved bank and the model that loads it.
 MATCHING_METADATA = ("model_name", "weights", "layers", "image_size")
 MEMORY_FORMAT_VERSION = 1
+#: Coreset inputs up to this many projected values (N * d) are selected on one CPU thread.
+CORESET_SINGLE_THREAD_MAX_ELEMENTS = 1 << 22
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -36,6 +40,20 @@ def coreset_size(n_points: int, ratio: float) -> int:
     """
     check_coreset_ratio(ratio)
     return max(1, min(n_points, math.ceil(ratio * n_points)))
+
+
+@contextmanager
+def _cpu_threads(n_threads: int | None) -> Iterator[None]:
+    """Temporarily run torch's CPU ops on ``n_threads`` threads (None: leave as is)."""
+    before = torch.get_num_threads()
+    if n_threads is None or n_threads == before:
+        yield
+        return
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def greedy_coreset(
@@ -50,6 +68,12 @@ def greedy_coreset(
     distance computations (Johnson-Lindenstrauss); ``None`` or a width >= D skips it.
     The seeded random start point is part of the result.
 
+    Each pick costs one matrix-vector product: with ``p_i = [x_i, |x_i|^2, 1]`` and
+    ``c_j = [-2 x_j, 1, |x_j|^2]``, ``p_i . c_j = |x_i - x_j|^2`` (float64, so near-ties
+    resolve as with direct differences). The loop never waits for the device, and on
+    CPU small problems run on one thread (thread hand-offs would cost more than the
+    ~2 * M tiny operations they split).
+
     Args:
         features: (N, D) float tensor.
         ratio: fraction of points to keep, in (0, 1].
@@ -60,7 +84,8 @@ def greedy_coreset(
     Example:
         Points 0, 1, 10 on a line; starting at 0 the farthest is 10, then 1:
         >>> x = torch.tensor([[0.0], [1.0], [10.0]])
-        >>> sorted(greedy_coreset(x, 2 / 3, projection_dim=None, seed=0).tolist()) in ([0, 2], [1, 2])
+        >>> picks = greedy_coreset(x, 2 / 3, projection_dim=None, seed=0)
+        >>> sorted(picks.tolist()) in ([0, 2], [1, 2])
         True
     """
     n = features.shape[0]
@@ -73,13 +98,21 @@ def greedy_coreset(
         proj = torch.randn(x.shape[1], projection_dim, generator=gen) / math.sqrt(projection_dim)
         x = x @ proj.to(x.device)
     start = int(torch.randint(n, (1,), generator=gen))
-    selected = torch.empty(m, dtype=torch.long, device=x.device)
-    selected[0] = start
-    min_dist = torch.linalg.vector_norm(x - x[start], dim=1)
-    for i in range(1, m):
-        nxt = torch.argmax(min_dist)
-        selected[i] = nxt
-        min_dist = torch.minimum(min_dist, torch.linalg.vector_norm(x - x[nxt], dim=1))
+    small = x.device.type == "cpu" and x.numel() <= CORESET_SINGLE_THREAD_MAX_ELEMENTS
+    with _cpu_threads(1 if small else None):
+        x = x.double()
+        sq_norm = (x * x).sum(dim=1, keepdim=True)
+        ones = torch.ones_like(sq_norm)
+        points = torch.cat([x, sq_norm, ones], dim=1)  # (N, d + 2)
+        centers = torch.cat([-2.0 * x, ones, sq_norm], dim=1)  # (N, d + 2)
+        selected = torch.empty(m, dtype=torch.long, device=x.device)
+        selected[0] = start
+        min_dist = torch.mv(points, centers[start]).clamp_min_(0.0)  # squared distances
+        for i in range(1, m):
+            nxt = torch.argmax(min_dist)  # stays on the device: no sync
+            selected[i] = nxt
+            dist = torch.mv(points, centers.index_select(0, nxt.view(1))[0])
+            torch.minimum(min_dist, dist.clamp_min_(0.0), out=min_dist)
     return selected
 
 
@@ -155,6 +188,9 @@ class NormalMemory(nn.Module):
         self.register_buffer("train_nn_maps", torch.empty(0))
         self.register_buffer("train_fg_masks", torch.empty(0, dtype=torch.uint8))
         self.metadata = dict(metadata)
+        #: Calibration statistics per fusion weights, filled by WinCLIP.calibration().
+        #: It lives here, so a different memory never reuses another's statistics.
+        self.calibration_cache: dict[tuple[float, float], dict[str, Any]] = {}
 
     @property
     def n_layers(self) -> int:
@@ -182,9 +218,12 @@ class NormalMemory(nn.Module):
                 f"patch tokens have {n_layers} layers but the memory bank has {self.n_layers}"
             )
         queries = patch_tokens.permute(1, 0, 2, 3).reshape(n_layers, b * n, d)
-        bank = self.bank.to(queries.device)
-        dist = nearest_neighbor_distance(queries, bank, chunk_size, query_groups, memory_groups)  # (L, B*N)
-        return dist.mean(dim=0).view(b, n)
+        if self.bank.device != queries.device:
+            self.bank = self.bank.to(queries.device)  # moved once, not on every call
+        dist = nearest_neighbor_distance(
+            queries, self.bank, chunk_size, query_groups, memory_groups
+        )
+        return dist.mean(dim=0).view(b, n)  # (L, B * N) -> (B, N)
 
     def save(self, path: str | Path) -> Path:
         """Write tensors to a ``.safetensors`` file with JSON metadata in its header."""
@@ -231,6 +270,11 @@ class NormalMemory(nn.Module):
                     f"memory bank {path} was built with {key}={saved!r}, "
                     f"but this model uses {key}={value!r}; rebuild it for this model"
                 )
+        missing = [k for k in ("bank", "source_image", "source_patch") if k not in tensors]
+        if missing:
+            raise MemoryBankError(
+                f"{path} is not a winclip_nb memory bank: tensors {missing} are missing"
+            )
         memory = cls(tensors["bank"], tensors["source_image"], tensors["source_patch"], meta)
         for name in ("train_text_maps", "train_nn_maps", "train_fg_masks"):
             if name in tensors:

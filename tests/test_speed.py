@@ -1,0 +1,140 @@
+"""Speed benchmark (fields only, never speed) and the exactness of the fast code paths."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from winclip_nb import maps as maps_module
+from winclip_nb.maps import fill_holes, gaussian_smooth, image_scores
+from winclip_nb.memory import greedy_coreset
+from winclip_nb.speed import REQUIRED_KEYS, main
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_speed_benchmark_writes_sane_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    threads = torch.get_num_threads()
+    code = main(
+        [
+            "--device", "cpu", "--weights", "random", "--n-images", "4",
+            "--memory-images", "3", "--batch-size", "2", "--image-size", "112",
+            "--repeats", "2", "--anchors", "random", "--json", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert torch.get_num_threads() == threads  # the run restores the thread count
+    printed = capsys.readouterr().out
+    assert "ratio detect / backbone" in printed and "targets:" in printed
+    result = json.loads(out.read_text())
+
+    assert set(REQUIRED_KEYS) <= set(result)
+    for key in (
+        "backbone_img_per_s", "detect_img_per_s", "detect_with_decode_img_per_s", "ratio",
+        "coreset_s", "feature_extract_s", "coreset_fraction", "memory_build_s", "peak_rss_mb",
+    ):  # fmt: skip
+        assert _positive(result[key]), (key, result[key])
+    ratio = result["detect_img_per_s"] / result["backbone_img_per_s"]
+    assert result["ratio"] == pytest.approx(ratio, rel=2e-3, abs=1e-3)
+    fraction = result["coreset_s"] / result["feature_extract_s"]
+    assert result["coreset_fraction"] == pytest.approx(fraction, rel=2e-3, abs=1e-3)
+    # Medians of the raw samples give the reported rates.
+    samples = result["samples_s"]
+    assert result["samples_batch_sizes"] == [2, 2, 2, 2]  # 2 repeats x 2 batches
+    assert all(len(samples[k]) == 4 for k in ("backbone", "detect", "detect_with_decode"))
+    expected = float(np.median([2 / t for t in samples["detect"]]))
+    assert result["detect_img_per_s"] == pytest.approx(expected, rel=2e-2)
+
+    assert result["peak_gpu_mb"] is None and result["device"] == "cpu"
+    assert result["batch_size"] == 2 and result["threads"] == threads
+    assert result["weights"] == "random" and result["random_weights"] is True
+    assert result["anchors"] == "random"
+    assert result["torch_version"] == torch.__version__
+    assert result["n_images"] == 4 and result["memory_images"] == 3
+    # A full-size memory: 3 images x 7 x 7 patches at 112 px, 10 % coreset kept.
+    assert result["memory_patches"] == 3 * 49
+    assert result["coreset_picks"] == result["memory_size"] == math.ceil(0.1 * 147)
+    assert {"platform", "cpu_model", "logical_cores"} <= set(result["machine"])
+
+    targets = result["targets"]
+    assert targets["ratio"]["applies"] and targets["ratio"]["limit"] == 0.85
+    assert targets["ratio"]["pass"] == (result["ratio"] >= 0.85)
+    assert targets["coreset_fraction"]["pass"] == (result["coreset_fraction"] <= 0.10)
+    assert not targets["peak_gpu_mb"]["applies"] and targets["peak_gpu_mb"]["pass"] is None
+    assert result["targets_met"] == (
+        targets["ratio"]["pass"] and targets["coreset_fraction"]["pass"]
+    )
+
+
+def test_speed_rejects_bad_settings(capsys):
+    assert main(["--device", "cpu", "--n-images", "0"]) == 2
+    assert "n_images" in capsys.readouterr().err
+
+
+# ------------------------------------------------------ fast paths stay exact
+def test_fill_holes_matches_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = rng.integers(1, 30, size=2)
+        mask = rng.random((h, w)) < rng.random()
+        expected = ndimage.binary_fill_holes(mask)
+        assert np.array_equal(fill_holes(mask).astype(bool), expected)
+
+
+def test_smoothing_matrix_path_matches_convolution_path(monkeypatch):
+    rng = np.random.default_rng(1)
+    for shape in [(2, 224, 224), (1, 3, 3), (2, 20, 24), (1, 1, 9), (3, 7, 1), (1, 1, 1)]:
+        x = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
+        for sigma in (0.7, 2.0, 4.0):
+            fast = gaussian_smooth(x, sigma)
+            monkeypatch.setattr(maps_module, "SMOOTH_MATMUL_MAX_SIDE", 0)
+            slow = gaussian_smooth(x, sigma)  # separable convolution with explicit padding
+            monkeypatch.undo()
+            assert fast.shape == x.shape
+            assert torch.allclose(fast, slow, atol=1e-5), (shape, sigma)
+
+
+def test_image_scores_match_sorted_reference():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        h, w = (int(v) for v in rng.integers(1, 30, size=2))
+        values = rng.normal(size=(3, h, w)).astype(np.float32)
+        fg = rng.random((3, h, w)) < rng.random()
+        fraction = float(rng.choice([0.01, 0.05, 0.25, 1.0]))
+        ours = image_scores(torch.from_numpy(values), torch.from_numpy(fg), fraction)
+        for i in range(3):
+            fg_values = np.sort(values[i][fg[i]])[::-1]
+            k = max(1, int(np.ceil(np.float32(max(1, fg_values.size)) * np.float32(fraction))))
+            expected = fg_values[:k].sum() / k  # missing values count as 0
+            assert float(ours[i]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def _reference_coreset(x: torch.Tensor, m: int, start: int) -> list[int]:
+    """Textbook greedy k-center with direct float64 distances."""
+    x = x.double()
+    chosen = [start]
+    dist = torch.linalg.vector_norm(x - x[start], dim=1)
+    while len(chosen) < m:
+        nxt = int(torch.argmax(dist))
+        chosen.append(nxt)
+        dist = torch.minimum(dist, torch.linalg.vector_norm(x - x[nxt], dim=1))
+    return chosen
+
+
+def test_coreset_matches_textbook_greedy_and_keeps_threads():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(60, 8, generator=gen)
+    x = torch.cat([base, base[:20]])  # duplicates: exact ties must resolve the same way
+    threads = torch.get_num_threads()
+    picks = greedy_coreset(x, 0.25, projection_dim=None, seed=5)
+    assert torch.get_num_threads() == threads
+    start = int(torch.randint(80, (1,), generator=torch.Generator().manual_seed(5)))
+    assert picks.tolist() == _reference_coreset(x, 20, start)
