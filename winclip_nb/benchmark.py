@@ -492,12 +492,14 @@ def _percent(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else round(100.0 * value, 4)
 
 
-def _progress_bar(total: int, desc: str, enabled: bool, leave: bool = False) -> Any:
+def _progress_bar(
+    total: int, desc: str, enabled: bool, leave: bool = False, unit: str = "img"
+) -> Any:
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", leave=leave)
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
 
 def evaluate_class(
@@ -1079,7 +1081,9 @@ def run_benchmark(
             device=str(device),
             threshold=DEFAULT_HOTSPOT_THRESHOLD,
         )
-    overall = _progress_bar(len(todo) * len(cfg.seeds), "benchmark", progress and bool(todo))
+    overall = _progress_bar(
+        len(todo) * len(cfg.seeds), "benchmark", progress and bool(todo), unit="class"
+    )
     try:
         for name in names:
             if name not in todo:
