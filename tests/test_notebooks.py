@@ -1,0 +1,387 @@
+"""The committed notebooks (executed, parameterised, up to date) and their helpers.
+
+The notebooks themselves are executed and compared by ``pytest --nbval notebooks/``;
+these tests only read them, so they stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from winclip_nb import notebooks as nbmod
+from winclip_nb.errors import ConfigError, DataError
+from winclip_nb.maps import find_hotspots
+from winclip_nb.notebooks import (
+    finalize_notebook,
+    parse_parameter_value,
+    select_notebooks,
+    source_hash,
+)
+from winclip_nb.widgets import Explorer, explorer, has_frontend
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+EXPECTED = [
+    "00_quickstart.ipynb",
+    "01_token_extraction.ipynb",
+    "02_text_anchors.ipynb",
+    "03_coreset_memory.ipynb",
+    "04_fusion_foreground_mad.ipynb",
+    "05_llava_explanations.ipynb",
+    "06_mvtec_benchmark.ipynb",
+]
+REGENERATE = "regenerate with `make notebooks`"
+NBVAL_MARKERS = {
+    "NBVAL_IGNORE_OUTPUT",
+    "NBVAL_SKIP",
+    "NBVAL_RAISES_EXCEPTION",
+    "NBVAL_CHECK_OUTPUT",
+}
+
+
+def _read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+
+
+def _code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def _tags(cell: nbformat.NotebookNode) -> list[str]:
+    return list(cell.metadata.get("tags", []))
+
+
+# ------------------------------------------------------------------ committed notebooks
+def test_series_is_complete() -> None:
+    assert [p.name for p in select_notebooks(folder=NOTEBOOK_DIR)] == EXPECTED
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_is_executed(name: str) -> None:
+    nb = _read(name)
+    unexecuted = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+                  and c.get("execution_count") is None]  # fmt: skip
+    assert not unexecuted, f"{name}: code cells {unexecuted} were never executed; {REGENERATE}"
+    counts = [c.execution_count for c in _code_cells(nb)]
+    assert counts == list(range(1, len(counts) + 1)), f"{name}: not run top to bottom; {REGENERATE}"
+    errors = [o for c in _code_cells(nb) for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{name}: stored outputs contain an error; {REGENERATE}"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_has_one_parameters_cell(name: str) -> None:
+    nb = _read(name)
+    tagged = [c for c in nb.cells if "parameters" in _tags(c)]
+    assert len(tagged) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+    assert tagged[0].cell_type == "code"
+    assert not any("injected-parameters" in _tags(c) for c in nb.cells), (
+        f"{name}: holds papermill's injected-parameters cell; {REGENERATE}"
+    )
+    source = tagged[0].source
+    for name_ in ("weights", "device", "data_root"):
+        assert f"{name_} = " in source, f"{name}: parameter {name_!r} missing"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_matches_package_sources(name: str) -> None:
+    meta = _read(name).metadata
+    assert "papermill" not in meta, f"{name}: volatile papermill metadata stored; {REGENERATE}"
+    stored = meta.get("winclip_nb", {})
+    assert stored.get("reference") is True, f"{name}: not executed in reference mode; {REGENERATE}"
+    assert stored.get("source_hash") == source_hash(), (
+        f"{name} was executed with other winclip_nb sources than the current ones; {REGENERATE}"
+    )
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_notebook_outputs_hold_no_home_folder(name: str) -> None:
+    home = str(Path.home())
+    if len(home) <= 1:
+        pytest.skip("home folder is /")
+    text = json.dumps([c.get("outputs", []) for c in _read(name).cells])
+    assert home not in text, f"{name}: outputs name {home}; {REGENERATE}"
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_nbval_markers_are_recognised(name: str) -> None:
+    # nbval only honours a marker that is a whole comment line, e.g. "# NBVAL_IGNORE_OUTPUT".
+    for cell in _code_cells(_read(name)):
+        for line in cell.source.splitlines():
+            if "NBVAL_" in line:
+                assert line.strip().lstrip("#").strip() in NBVAL_MARKERS, (
+                    f"{name}: {line.strip()!r} is not a marker nbval recognises"
+                )
+
+
+# ------------------------------------------------------------------------ source hash
+def _write(folder: Path, files: dict[str, bytes]) -> Path:
+    for rel, content in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    return folder
+
+
+def test_source_hash_by_hand(tmp_path: Path) -> None:
+    _write(tmp_path, {"a.py": b"x = 1\n"})
+    expected = hashlib.sha256(b"a.py\0x = 1\n\0").hexdigest()
+    assert source_hash(tmp_path) == expected
+
+
+def test_source_hash_tracks_python_sources_only(tmp_path: Path) -> None:
+    base = _write(tmp_path / "pkg", {"a.py": b"x = 1\n", "sub/b.py": b"y = 2\n"})
+    reference = source_hash(base)
+    assert len(reference) == 64
+    # Not counted: other files and caches.
+    _write(base, {"README.md": b"text", "__pycache__/a.cpython-311.py": b"junk"})
+    assert source_hash(base) == reference
+    # Same content, other creation order and CRLF line endings: same hash.
+    other = _write(tmp_path / "other", {"sub/b.py": b"y = 2\r\n", "a.py": b"x = 1\r\n"})
+    assert source_hash(other) == reference
+    # Any change of content or of a file name changes it.
+    _write(base, {"sub/b.py": b"y = 3\n"})
+    assert source_hash(base) != reference
+    _write(base, {"sub/b.py": b"y = 2\n"})
+    assert source_hash(base) == reference
+    (base / "sub" / "b.py").rename(base / "sub" / "c.py")
+    assert source_hash(base) != reference
+
+
+def test_source_hash_default_is_the_package() -> None:
+    package = Path(nbmod.__file__).resolve().parent
+    assert source_hash() == source_hash(package)
+
+
+# ------------------------------------------------------------------ runner helpers
+def test_select_notebooks_by_number_and_name() -> None:
+    picked = select_notebooks(["3", "00", "04_fusion_foreground_mad"], folder=NOTEBOOK_DIR)
+    assert [p.name for p in picked] == [EXPECTED[3], EXPECTED[0], EXPECTED[4]]
+    with pytest.raises(ConfigError, match="no notebook '17'"):
+        select_notebooks(["17"], folder=NOTEBOOK_DIR)
+
+
+def test_parse_parameter_value() -> None:
+    values = ["3", "-2", "0.5", "None", "True", "False", "cuda", "/data/mvtec", "1e-3"]
+    assert [parse_parameter_value(v) for v in values] == [
+        3, -2, 0.5, None, True, False, "cuda", "/data/mvtec", 0.001,
+    ]  # fmt: skip
+
+
+def test_run_notebooks_refuses_parameters_in_place() -> None:
+    with pytest.raises(ConfigError, match="in-place runs take no parameters"):
+        nbmod.run_notebooks(in_place=True, parameters={"device": "cuda"})
+    with pytest.raises(ConfigError, match="not both"):
+        nbmod.run_notebooks(in_place=True, output_dir="somewhere")
+
+
+def test_cli_arguments_reach_run_notebooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    monkeypatch.setattr(nbmod, "run_notebooks", lambda **kwargs: seen.update(kwargs) or [])
+    parser = argparse.ArgumentParser()
+    nbmod.add_run_notebooks_arguments(parser)
+    args = parser.parse_args(["-p", "device", "cuda", "-p", "n_train", "4", "--only", "0", "6"])
+    assert nbmod.run_notebooks_cli(args) == 0
+    assert seen["parameters"] == {"device": "cuda", "n_train": 4}
+    assert seen["notebooks"] == ["0", "6"] and not seen["in_place"] and not seen["reference"]
+
+
+def test_finalize_notebook_removes_volatile_parts() -> None:
+    home = str(Path.home())
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"input_path": "x", "start_time": "2024"}
+    params = nbformat.v4.new_code_cell("a = 1", metadata={"tags": ["parameters"]})
+    injected = nbformat.v4.new_code_cell("a = 2", metadata={"tags": ["injected-parameters"]})
+    body = nbformat.v4.new_code_cell(
+        "print(path)",
+        metadata={"papermill": {"duration": 1.0}, "execution": {"iopub.status.idle": "t"},
+                  "tags": []},
+        outputs=[nbformat.v4.new_output("stream", name="stdout", text=f"{home}/data/x.png\n")],
+    )  # fmt: skip
+    nb.cells = [params, injected, body]
+    finalize_notebook(nb, reference=True, parameters=None, in_place=True)
+    assert "papermill" not in nb.metadata
+    assert nb.metadata["winclip_nb"] == {
+        "source_hash": source_hash(),
+        "reference": True,
+        "parameters": {},
+    }
+    assert [c.source for c in nb.cells] == ["a = 1", "print(path)"]
+    assert dict(nb.cells[1].metadata) == {}
+    if len(home) > 1:
+        assert nb.cells[1].outputs[0]["text"] == "~/data/x.png\n"
+
+
+# ------------------------------------------------------------------------------ setup
+def test_setup_reference_mode_overrides(
+    monkeypatch: pytest.MonkeyPatch, synthetic_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import winclip_nb.data as data
+
+    monkeypatch.setenv(nbmod.REFERENCE_ENV_VAR, "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "default_synthetic_root", lambda: synthetic_root)
+    monkeypatch.setattr(data, "make_synthetic_mvtec", lambda root: Path(root))
+    threads = torch.get_num_threads()
+    try:
+        env = nbmod.setup(weights="openai", device="cuda", data_root="/no/such/folder", seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert env["reference"] is True
+    assert (env["weights"], env["device"], env["data_root"]) == ("random", "cpu", synthetic_root)
+    assert env["synthetic"] is True and env["class_name"] == "disc" and env["seed"] == 3
+    assert env["threads"] == nbmod.REFERENCE_THREADS
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "REFERENCE MODE" in printed[0] and "seed 3" in printed[0]
+
+
+def test_compact_inline_figures_needs_a_kernel() -> None:
+    assert nbmod.compact_inline_figures() is False  # plain pytest process: nothing to configure
+
+
+def test_setup_checks_data_root_and_class(
+    monkeypatch: pytest.MonkeyPatch, synthetic_root: Path, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(nbmod.REFERENCE_ENV_VAR, raising=False)
+    with pytest.raises(DataError, match="not a folder"):
+        nbmod.setup(data_root=tmp_path / "missing", verbose=False)
+    env = nbmod.setup(data_root=synthetic_root, class_name="weave", verbose=False)
+    assert env["class_name"] == "weave" and env["weights"] == "auto"
+    with pytest.raises(DataError, match="class 'bottle' not found"):
+        nbmod.setup(data_root=synthetic_root, class_name="bottle", verbose=False)
+
+
+# ---------------------------------------------------------------------------- widgets
+@pytest.fixture(scope="module")
+def fitted_winclip(random_winclip, synthetic_root: Path):
+    """The shared detector with seeded random anchors and a 3-image memory; restored after."""
+    from winclip_nb.data import load_mvtec_class
+
+    generator = torch.Generator().manual_seed(0)
+    dim = random_winclip.backbone.embed_dim
+    normal, anomalous = (F.normalize(torch.randn(dim, generator=generator), dim=0) for _ in "ab")
+    data = load_mvtec_class(synthetic_root, "disc")
+    saved = (random_winclip.memory, random_winclip.class_name)
+    random_winclip.class_name = "disc"
+    random_winclip.build_normal_memory(data.train[:3], normal, anomalous, progress=False)
+    try:
+        yield random_winclip, normal, anomalous, data
+    finally:
+        random_winclip.memory, random_winclip.class_name = saved
+
+
+def test_explorer_callback_matches_detector(fitted_winclip) -> None:
+    winclip, normal, anomalous, data = fitted_winclip
+    paths = [s.path for s in data.test]
+    masks = [s.mask_path for s in data.test]
+    defect = next(i for i, s in enumerate(data.test) if s.defect == "hole")
+    ex = Explorer(winclip, {"disc": (normal, anomalous, winclip.memory)}, {"disc": paths},
+                  {"disc": masks})  # fmt: skip
+    # The widgets' callback: update() changes the state, recomputes and draws.
+    fig = ex.update(image_index=defect, text_weight=0.5, sigma=2.0, normalization="per_image")
+    assert isinstance(fig, Figure) and len(fig.axes) == 5  # 3 panels + 2 colour bars
+    assert fig.axes[1].get_title() == f"score {ex.last['score']:.2f}"
+    other_settings = [
+        {"text_weight": 0.0, "sigma": 0.0, "threshold": 1.5, "normalization": "calibrated"},
+        {"text_weight": 1.0, "sigma": 6.0},
+    ]
+    for changes in [{}, *other_settings]:
+        if changes:
+            ex.state = dataclasses.replace(ex.state, **changes)
+            ex.last = ex.compute()
+        state = ex.state
+        resized = winclip.prepare(paths[state.image_index])[0][None]
+        expected = winclip.detect_resized(
+            resized,
+            normal,
+            anomalous,
+            state.text_weight,
+            state.nn_weight,
+            normalization=state.normalization,
+            sigma=state.sigma,
+        )
+        got = ex.last["anomaly_map"]
+        np.testing.assert_allclose(got, expected["anomaly_map"][0].numpy(), atol=1e-4)
+        assert ex.last["score"] == pytest.approx(float(expected["score"][0]), abs=1e-4)
+        fg = expected["fg_mask"][0].numpy()
+        boxes = [h.box for h in find_hotspots(got, state.threshold, fg_mask=fg)]
+        assert [h.box for h in ex.last["hotspots"]] == boxes
+    assert ex.state.image_index == defect and ex.state.threshold == 1.5  # kept across updates
+
+
+def test_explorer_rejects_bad_settings(fitted_winclip) -> None:
+    winclip, normal, anomalous, data = fitted_winclip
+    ex = Explorer(winclip, {"disc": (normal, anomalous)}, {"disc": [data.test[0].path]})
+    before = ex.state
+    for bad in [{"text_weight": 1.5}, {"image_index": 1}, {"normalization": "zscore"},
+                {"sigma": -1.0}, {"class_name": "weave"}]:  # fmt: skip
+        with pytest.raises(ConfigError):
+            ex.update(**bad)
+        assert ex.state == before
+    with pytest.raises(ConfigError, match="unknown explorer settings"):
+        ex.update(colour="red")
+
+
+def test_explorer_class_callback_and_widget(fitted_winclip, monkeypatch) -> None:
+    winclip, normal, anomalous, data = fitted_winclip
+    disc_memory = winclip.memory
+    calls: list[str] = []
+
+    def prepare(name: str):
+        calls.append(name)
+        return (normal, anomalous, disc_memory if name == "disc" else None)
+
+    images = {
+        "disc": [data.test[0].path, data.test[-1].path],
+        "plain": [np.full((64, 64, 3), 90, np.uint8)],
+    }
+    ex = Explorer(winclip, prepare, images)
+    # Skip the drawing (tested above): every control must still reach update() -> compute().
+    monkeypatch.setattr(ex, "draw", lambda state=None: ex.last.update(ex.compute()) or Figure())
+    ui = ex.widget()  # computes the first state
+    assert ui.children and set(ex.controls) == {
+        "class_name", "image_index", "text_weight", "sigma", "threshold", "normalization",
+    }  # fmt: skip
+    ex.controls["sigma"].value = 6.0  # a slider change calls update()
+    assert ex.state.sigma == 6.0
+    ex.controls["image_index"].value = 1
+    assert ex.state.image_index == 1
+    ex.controls["class_name"].value = "plain"  # zero-shot class: no memory
+    assert ex.state.class_name == "plain" and ex.state.image_index == 0
+    assert winclip.memory is None and ex.last["normalization"] == "per_image"
+    ex.controls["class_name"].value = "disc"
+    assert winclip.memory is disc_memory
+    assert calls == ["disc", "plain"]  # each class prepared once
+
+
+def test_explorer_static_fallback(fitted_winclip, monkeypatch) -> None:
+    import IPython.display
+
+    winclip, normal, anomalous, data = fitted_winclip
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.setenv(nbmod.REFERENCE_ENV_VAR, "1")
+    assert has_frontend() is False
+    ex = explorer(winclip, {"disc": (normal, anomalous)}, {"disc": [data.test[0].path]}, sigma=2.0)
+    assert isinstance(ex, Explorer) and ex.state.sigma == 2.0
+    assert len(shown) == 1 and isinstance(shown[0], Figure)
+
+
+def test_has_frontend_respects_headless_variable(monkeypatch) -> None:
+    monkeypatch.delenv(nbmod.REFERENCE_ENV_VAR, raising=False)
+    monkeypatch.setenv(nbmod.HEADLESS_ENV_VAR, "1")
+    assert has_frontend() is False
+    monkeypatch.setenv(nbmod.HEADLESS_ENV_VAR, "0")
+    assert has_frontend() is False  # plain pytest process: no Jupyter kernel

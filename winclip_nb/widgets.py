@@ -1,0 +1,448 @@
+"""An interactive explorer of the stage-04 post-processing (notebook 04).
+
+:func:`explorer` shows class and image pickers, a text/NN weight slider, the smoothing
+sigma, the hotspot threshold and the normalisation mode, and redraws the heat map and
+the hotspot boxes live. The backbone runs once per image: patch tokens, text map and
+NN map are cached, and every control change only repeats the cheap steps (fusion,
+upsampling, normalisation, smoothing, hotspots), the same ones
+:meth:`winclip_nb.detector.WinCLIP.detect_resized` runs.
+
+Without a notebook frontend (papermill, nbval, ``WINCLIP_NB_REFERENCE=1`` or
+``WINCLIP_NB_HEADLESS=1``) it draws one static figure instead of the widget.
+
+Example:
+    >>> ex = explorer(winclip, {"disc": (normal_anchor, anomalous_anchor)},
+    ...               {"disc": test_paths})                                  # doctest: +SKIP
+    >>> fig = ex.update(text_weight=0.5, sigma=2.0)   # what a slider change calls  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .anchors import global_text_score, text_map
+from .config import (
+    DEFAULT_HOTSPOT_THRESHOLD,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_SIGMA,
+    DEFAULT_TEXT_WEIGHT,
+    NORMALIZATION_MODES,
+    check_fusion_weights,
+)
+from .data import class_kind
+from .errors import ConfigError
+from .maps import (
+    find_hotspots,
+    foreground_mask,
+    fuse_maps,
+    gaussian_smooth,
+    image_scores,
+    robust_normalize,
+    upsample_maps,
+)
+from .notebooks import headless
+from .results import Hotspot
+
+#: Slider ranges: (min, max, step).
+SIGMA_RANGE = (0.0, 16.0, 0.5)
+THRESHOLD_RANGE = (0.0, 12.0, 0.25)
+WEIGHT_STEP = 0.05
+PANEL_SIZE = 3.6
+
+#: A class's set-up: (normal_anchor, anomalous_anchor) or (normal, anomalous, memory);
+#: with a memory (a NormalMemory, or None for zero-shot) the explorer installs it in the
+#: detector whenever that class is selected.
+ClassSetup = tuple
+AnchorSource = Mapping[str, ClassSetup] | Callable[[str], ClassSetup]
+
+
+def has_frontend() -> bool:
+    """True inside a Jupyter kernel that is not run headless (papermill, nbval, reference)."""
+    if headless():
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+@dataclass
+class ExplorerState:
+    """The explorer's settings. ``nn_weight`` is ``1 - text_weight``."""
+
+    class_name: str
+    image_index: int = 0
+    text_weight: float = DEFAULT_TEXT_WEIGHT
+    sigma: float = DEFAULT_SIGMA
+    threshold: float = DEFAULT_HOTSPOT_THRESHOLD
+    normalization: str = DEFAULT_NORMALIZATION
+
+    @property
+    def nn_weight(self) -> float:
+        return round(1.0 - self.text_weight, 6)
+
+
+def _image_label(item: Any, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        return f"{path.parent.name}/{path.name}"
+    return f"image {index}"
+
+
+class Explorer:
+    """State, cached branch maps and drawing behind :func:`explorer`.
+
+    Args:
+        winclip: a :class:`winclip_nb.WinCLIP`.
+        anchors_by_class: class -> set-up tuple (see ``ClassSetup``), or a callback
+            ``class_name -> set-up tuple`` called once per class (e.g. one that builds
+            the anchors and the normal memory).
+        images_by_class: class -> images (paths, arrays or PIL images).
+        masks: optional class -> ground-truth masks (paths or (H, W) bool arrays, None
+            for good images), drawn as contours.
+    """
+
+    def __init__(
+        self,
+        winclip: Any,
+        anchors_by_class: AnchorSource,
+        images_by_class: Mapping[str, Sequence[Any]],
+        masks: Mapping[str, Sequence[Any]] | None = None,
+        state: ExplorerState | None = None,
+    ) -> None:
+        if not images_by_class or not any(len(v) for v in images_by_class.values()):
+            raise ConfigError("explorer needs at least one image in images_by_class")
+        self.winclip = winclip
+        self.anchors_by_class = anchors_by_class
+        self.images_by_class = {k: list(v) for k, v in images_by_class.items()}
+        self.masks = {k: list(v) for k, v in (masks or {}).items()}
+        first = next(k for k, v in self.images_by_class.items() if v)
+        self.state = state or ExplorerState(class_name=first)
+        self._setups: dict[str, ClassSetup] = {}
+        self._branches: dict[tuple[str, int], dict[str, Any]] = {}
+        self._active_class: str | None = None
+        self.output: Any = None  # ipywidgets.Output once widget() was called
+        self.controls: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self._validate(self.state)
+
+    # ------------------------------------------------------------------ state
+    def _validate(self, state: ExplorerState) -> None:
+        if state.class_name not in self.images_by_class:
+            raise ConfigError(
+                f"unknown class {state.class_name!r}; known: {', '.join(self.images_by_class)}"
+            )
+        n = len(self.images_by_class[state.class_name])
+        if not 0 <= state.image_index < n:
+            raise ConfigError(f"image_index must be in 0..{n - 1}, got {state.image_index}")
+        if not 0.0 <= state.text_weight <= 1.0:
+            raise ConfigError(f"text_weight must be in [0, 1], got {state.text_weight}")
+        check_fusion_weights(state.text_weight, state.nn_weight)
+        if state.sigma < 0:
+            raise ConfigError(f"sigma must be >= 0, got {state.sigma}")
+        if state.normalization not in NORMALIZATION_MODES:
+            raise ConfigError(
+                f"normalization must be one of {NORMALIZATION_MODES}, got {state.normalization!r}"
+            )
+
+    def _activate(self, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchors of ``class_name``; installs its memory in the detector if it has one."""
+        if class_name not in self._setups:
+            source = self.anchors_by_class
+            setup = source(class_name) if callable(source) else source[class_name]
+            if len(setup) not in (2, 3):
+                raise ConfigError(
+                    f"set-up for {class_name!r} must be (normal, anomalous[, memory]), "
+                    f"got {len(setup)} items"
+                )
+            self._setups[class_name] = tuple(setup)
+        setup = self._setups[class_name]
+        if len(setup) == 3 and self._active_class != class_name:
+            self.winclip.memory = setup[2]  # its calibration statistics travel with it
+        self.winclip.class_name = class_name
+        self._active_class = class_name
+        return setup[0], setup[1]
+
+    # ---------------------------------------------------------------- compute
+    @torch.inference_mode()
+    def _branch_maps(self, class_name: str, index: int) -> dict[str, Any]:
+        """Cached per (class, image): resized image, text/NN maps (1, h, w), fg (1, S, S)."""
+        key = (class_name, index)
+        normal, anomalous = self._activate(class_name)
+        if key not in self._branches:
+            wc = self.winclip
+            resized, _ = wc.prepare(self.images_by_class[class_name][index])
+            texture = class_kind(class_name) == "texture"
+            fg = foreground_mask(resized, wc.config.fg_threshold, texture)
+            tokens, embedding = wc.backbone(resized[None])
+            h, w = wc.grid_size
+            na, aa = normal.to(tokens), anomalous.to(tokens)
+            temperature = wc.config.text_temperature
+            memory = wc.memory
+            self._branches[key] = {
+                "resized": resized,
+                "fg": torch.from_numpy(fg)[None].to(wc.device),
+                "text_map": text_map(tokens, na, aa, temperature).view(1, h, w),
+                "text_score": global_text_score(embedding, na, aa, temperature),
+                "nn_map": None
+                if memory is None
+                else memory.nn_map(tokens, wc.config.nn_chunk_size).view(1, h, w),
+            }
+        return self._branches[key]
+
+    @torch.inference_mode()
+    def compute(self, state: ExplorerState | None = None) -> dict[str, Any]:
+        """Post-process the cached maps for ``state`` (default: the current state).
+
+        Returns ``{"resized" (S, S, 3) uint8, "anomaly_map" (S, S), "fused_map" (h, w),
+        "fg_mask" (S, S) bool, "score", "hotspots", "normalization"}`` (the mode actually
+        used: ``per_image`` in zero-shot).
+        """
+        state = state or self.state
+        self._validate(state)
+        branch = self._branch_maps(state.class_name, state.image_index)
+        wc = self.winclip
+        cfg = wc.config
+        tw, nw = state.text_weight, state.nn_weight
+        mode = state.normalization
+        fg = branch["fg"]
+        if branch["nn_map"] is None:  # zero-shot: text map only, per-image statistics
+            fused, mode = branch["text_map"], "per_image"
+        else:
+            stats = wc.calibration(tw, nw)
+            fused = fuse_maps(
+                branch["text_map"], branch["nn_map"], tw, nw, stats["text_stats"], stats["nn_stats"]
+            )
+        up = upsample_maps(fused, (cfg.image_size, cfg.image_size))
+        if mode == "calibrated":
+            center, scale = stats["map_stats"]
+            normed = robust_normalize(up, fg, center, scale)
+        else:
+            normed = robust_normalize(up, fg)
+        smoothed = gaussian_smooth(normed, state.sigma)
+        if branch["nn_map"] is None:
+            score = float(branch["text_score"][0])
+        else:
+            score = float(image_scores(smoothed, fg, cfg.score_top_fraction)[0])
+        anomaly_map = smoothed[0].float().cpu().numpy()
+        fg_np = fg[0].cpu().numpy()
+        hotspots: list[Hotspot] = find_hotspots(
+            anomaly_map, state.threshold, cfg.top_k, cfg.min_hotspot_area, fg_np
+        )
+        return {
+            "resized": branch["resized"],
+            "anomaly_map": anomaly_map,
+            "fused_map": fused[0].float().cpu().numpy(),
+            "fg_mask": fg_np,
+            "score": score,
+            "hotspots": hotspots,
+            "normalization": mode,
+        }
+
+    def _mask(self, class_name: str, index: int, size: int) -> np.ndarray | None:
+        masks = self.masks.get(class_name)
+        if not masks or index >= len(masks) or masks[index] is None:
+            return None
+        import cv2
+
+        from .data import load_mask
+
+        item = masks[index]
+        mask = load_mask(item) if isinstance(item, (str, os.PathLike)) else np.asarray(item)
+        return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+
+    # ------------------------------------------------------------------- draw
+    def draw(self, state: ExplorerState | None = None) -> Any:
+        """A :class:`matplotlib.figure.Figure`: image with boxes, heat map, fused patch map."""
+        from matplotlib.figure import Figure
+
+        from .viz import draw_boxes, overlay_heatmap, random_weights_banner
+
+        state = state or self.state
+        out = self.compute(state)
+        self.last = out
+        fig = Figure(figsize=(3 * PANEL_SIZE, PANEL_SIZE + 0.6), layout="constrained")
+        axes = fig.subplots(1, 3)
+        n = len(out["hotspots"])
+        draw_boxes(out["resized"], out["hotspots"], ax=axes[0], title=f"{n} hotspot(s)")
+        mask = self._mask(state.class_name, state.image_index, out["resized"].shape[0])
+        if mask is not None and mask.any():
+            axes[0].contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
+        overlay_heatmap(
+            out["resized"], out["anomaly_map"], ax=axes[1], title=f"score {out['score']:.2f}"
+        )
+        shown = axes[2].imshow(out["fused_map"], cmap="magma")
+        fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
+        axes[2].set_title("fused map (patch grid)")
+        axes[2].set_axis_off()
+        label = _image_label(self.images_by_class[state.class_name][state.image_index], 0)
+        fig.suptitle(
+            f"{state.class_name} {label} | text {state.text_weight:.2f} / NN "
+            f"{state.nn_weight:.2f} | sigma {state.sigma:g} | z > {state.threshold:g} | "
+            f"{out['normalization']}",
+            fontsize=10,
+        )
+        if getattr(self.winclip, "random_weights", False):
+            random_weights_banner(fig)
+        return fig
+
+    def update(self, **changes: Any) -> Any:
+        """The widgets' callback: change settings, recompute, redraw; returns the figure.
+
+        ``changes`` are :class:`ExplorerState` fields. Changing the class resets the
+        image index to 0. Invalid values raise :class:`ConfigError` and keep the state.
+        """
+        unknown = set(changes) - {f.name for f in dataclasses.fields(ExplorerState)}
+        if unknown:
+            raise ConfigError(f"unknown explorer settings: {sorted(unknown)}")
+        if "class_name" in changes and changes["class_name"] != self.state.class_name:
+            changes.setdefault("image_index", 0)
+        new_state = dataclasses.replace(self.state, **changes)
+        self._validate(new_state)
+        self.state = new_state
+        fig = self.draw()
+        if self.output is not None:
+            from IPython.display import clear_output, display
+
+            with self.output:
+                clear_output(wait=True)
+                display(fig)
+        return fig
+
+    # ----------------------------------------------------------------- widget
+    def widget(self) -> Any:
+        """The ipywidgets UI (a VBox); each control calls :meth:`update`."""
+        import ipywidgets as widgets
+
+        s = self.state
+        style = {"description_width": "90px"}
+        classes = widgets.Dropdown(
+            options=list(self.images_by_class), value=s.class_name, description="class"
+        )
+        images = widgets.Dropdown(
+            options=self._image_options(s.class_name), value=s.image_index, description="image"
+        )
+        weight = widgets.FloatSlider(
+            value=s.text_weight,
+            min=0.0,
+            max=1.0,
+            step=WEIGHT_STEP,
+            style=style,
+            description="text weight",
+            continuous_update=False,
+            readout_format=".2f",
+        )
+        sigma = widgets.FloatSlider(
+            value=s.sigma,
+            min=SIGMA_RANGE[0],
+            max=SIGMA_RANGE[1],
+            step=SIGMA_RANGE[2],
+            description="sigma",
+            style=style,
+            continuous_update=False,
+        )
+        threshold = widgets.FloatSlider(
+            value=s.threshold,
+            min=THRESHOLD_RANGE[0],
+            max=THRESHOLD_RANGE[1],
+            step=THRESHOLD_RANGE[2],
+            description="threshold z",
+            style=style,
+            continuous_update=False,
+        )
+        mode = widgets.ToggleButtons(
+            options=list(NORMALIZATION_MODES), value=s.normalization, description="normalise"
+        )
+        self.output = widgets.Output()
+
+        def on_class(change: dict[str, Any]) -> None:
+            images.unobserve(on_image, names="value")
+            images.options = self._image_options(change["new"])
+            images.value = 0
+            images.observe(on_image, names="value")
+            self.update(class_name=change["new"], image_index=0)
+
+        def on_image(change: dict[str, Any]) -> None:
+            self.update(image_index=change["new"])
+
+        classes.observe(on_class, names="value")
+        images.observe(on_image, names="value")
+        for control, name in (
+            (weight, "text_weight"),
+            (sigma, "sigma"),
+            (threshold, "threshold"),
+            (mode, "normalization"),
+        ):
+            control.observe(lambda change, key=name: self.update(**{key: change["new"]}), "value")
+        self.controls = {
+            "class_name": classes,
+            "image_index": images,
+            "text_weight": weight,
+            "sigma": sigma,
+            "threshold": threshold,
+            "normalization": mode,
+        }
+        self.update()
+        return widgets.VBox(
+            [
+                widgets.HBox([classes, images]),
+                widgets.HBox([weight, sigma]),
+                widgets.HBox([threshold, mode]),
+                self.output,
+            ]
+        )
+
+    def _image_options(self, class_name: str) -> list[tuple[str, int]]:
+        return [
+            (_image_label(item, i), i) for i, item in enumerate(self.images_by_class[class_name])
+        ]
+
+
+def explorer(
+    winclip: Any,
+    anchors_by_class: AnchorSource,
+    images_by_class: Mapping[str, Sequence[Any]],
+    masks: Mapping[str, Sequence[Any]] | None = None,
+    *,
+    interactive: bool | None = None,
+    **initial: Any,
+) -> Explorer:
+    """Show the interactive explorer, or one static figure when there is no frontend.
+
+    Args:
+        winclip: a :class:`winclip_nb.WinCLIP`.
+        anchors_by_class: class -> (normal, anomalous[, memory]) or a callback returning that.
+        images_by_class: class -> list of images.
+        masks: optional class -> list of ground-truth masks (None for good images).
+        interactive: None -> :func:`has_frontend`; False forces the static figure.
+        initial: starting :class:`ExplorerState` fields (``class_name``, ``image_index``,
+            ``text_weight``, ``sigma``, ``threshold``, ``normalization``).
+
+    Returns:
+        The :class:`Explorer` (its ``update`` is the widgets' callback).
+    """
+    from IPython.display import display
+
+    first = next((k for k, v in images_by_class.items() if len(v)), None)
+    state = ExplorerState(class_name=initial.pop("class_name", first), **initial)
+    ex = Explorer(winclip, anchors_by_class, images_by_class, masks, state)
+    if interactive is None:
+        interactive = has_frontend()
+    if interactive:
+        display(ex.widget())
+    else:
+        display(ex.draw())
+    return ex
+
+
+__all__ = ["Explorer", "ExplorerState", "explorer", "has_frontend"]
