@@ -378,41 +378,67 @@ class WinCLIP(nn.Module):
         txt = text_map(tokens, na, aa, cfg.text_temperature).view(b, h, w)
         text_score = global_text_score(image_embedding, na, aa, cfg.text_temperature)
 
-        zero_shot = self.memory is None
-        if zero_shot:
-            nn_map = None
-            fused = txt
+        nn_map = None
+        if self.memory is not None:
+            nn_map = self.memory.nn_map(tokens, cfg.nn_chunk_size).view(b, h, w)
+        if fg_pending:
+            fg = _to_device(np.stack([job.result() for job in fg_pending]), self.device)
+        out = self.postprocess(txt, nn_map, fg, text_score, tw, nw, mode, sigma)
+        return {"text_map": txt, "nn_map": nn_map, "text_score": text_score, **out}
+
+    def postprocess(
+        self,
+        text_map: torch.Tensor,
+        nn_map: torch.Tensor | None,
+        fg_mask: torch.Tensor,
+        text_score: torch.Tensor,
+        text_weight: float,
+        nn_weight: float,
+        normalization: str,
+        sigma: float,
+    ) -> dict[str, Any]:
+        """Stage 04 on branch maps: fuse, upsample, normalise, smooth, score.
+
+        Args:
+            text_map, nn_map: (B, h, w); ``nn_map`` None in zero-shot mode.
+            fg_mask: (B, S, S) bool. text_score: (B,).
+
+        Returns:
+            ``fused_map`` (B, h, w), ``anomaly_map`` (B, S, S), ``fg_mask``, ``score`` (B,)
+            and ``normalization`` (the mode used: ``per_image`` in zero-shot).
+        """
+        cfg = self.config
+        mode = normalization
+        if nn_map is None:
+            fused = text_map
             if mode == "calibrated":
                 warnings.warn(
                     "calibrated normalisation needs a normal memory; using per_image (zero-shot)",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 mode = "per_image"
         else:
-            nn_map = self.memory.nn_map(tokens, cfg.nn_chunk_size).view(b, h, w)
-            stats = self.calibration(tw, nw)
-            fused = fuse_maps(txt, nn_map, tw, nw, stats["text_stats"], stats["nn_stats"])
-
-        if fg_pending:
-            fg = _to_device(np.stack([job.result() for job in fg_pending]), self.device)
-        size = (cfg.image_size, cfg.image_size)
-        up = upsample_maps(fused, size)
+            stats = self.calibration(text_weight, nn_weight)
+            fused = fuse_maps(
+                text_map, nn_map, text_weight, nn_weight, stats["text_stats"], stats["nn_stats"]
+            )
+        up = upsample_maps(fused, (cfg.image_size, cfg.image_size))
         if mode == "calibrated":
             center, scale = stats["map_stats"]
-            normed = robust_normalize(up, fg, center, scale)
+            normed = robust_normalize(up, fg_mask, center, scale)
         else:
-            normed = robust_normalize(up, fg)
+            normed = robust_normalize(up, fg_mask)
         smoothed = gaussian_smooth(normed, sigma)
-        score = text_score if zero_shot else image_scores(smoothed, fg, cfg.score_top_fraction)
+        if nn_map is None:
+            score = text_score
+        else:
+            score = image_scores(smoothed, fg_mask, cfg.score_top_fraction)
         return {
-            "text_map": txt,
-            "nn_map": nn_map,
             "fused_map": fused,
             "anomaly_map": smoothed,
-            "fg_mask": fg,
+            "fg_mask": fg_mask,
             "score": score,
-            "text_score": text_score,
-            "normalization": mode,  # type: ignore[dict-item]
+            "normalization": mode,
         }
 
     def detect(

@@ -42,11 +42,6 @@ from .errors import ConfigError
 from .maps import (
     find_hotspots,
     foreground_mask,
-    fuse_maps,
-    gaussian_smooth,
-    image_scores,
-    robust_normalize,
-    upsample_maps,
 )
 from .notebooks import headless
 from .results import Hotspot
@@ -213,27 +208,23 @@ class Explorer:
         branch = self._branch_maps(state.class_name, state.image_index)
         wc = self.winclip
         cfg = wc.config
-        tw, nw = state.text_weight, state.nn_weight
-        mode = state.normalization
-        fg = branch["fg"]
-        if branch["nn_map"] is None:  # zero-shot: text map only, per-image statistics
-            fused, mode = branch["text_map"], "per_image"
-        else:
-            stats = wc.calibration(tw, nw)
-            fused = fuse_maps(
-                branch["text_map"], branch["nn_map"], tw, nw, stats["text_stats"], stats["nn_stats"]
-            )
-        up = upsample_maps(fused, (cfg.image_size, cfg.image_size))
-        if mode == "calibrated":
-            center, scale = stats["map_stats"]
-            normed = robust_normalize(up, fg, center, scale)
-        else:
-            normed = robust_normalize(up, fg)
-        smoothed = gaussian_smooth(normed, state.sigma)
-        if branch["nn_map"] is None:
-            score = float(branch["text_score"][0])
-        else:
-            score = float(image_scores(smoothed, fg, cfg.score_top_fraction)[0])
+        out = wc.postprocess(
+            branch["text_map"],
+            branch["nn_map"],
+            branch["fg"],
+            branch["text_score"],
+            state.text_weight,
+            state.nn_weight,
+            state.normalization,
+            state.sigma,
+        )
+        smoothed, fg, fused, mode = (
+            out["anomaly_map"],
+            out["fg_mask"],
+            out["fused_map"],
+            out["normalization"],
+        )
+        score = float(out["score"][0])
         anomaly_map = smoothed[0].float().cpu().numpy()
         fg_np = fg[0].cpu().numpy()
         hotspots: list[Hotspot] = find_hotspots(
