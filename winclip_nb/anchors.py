@@ -49,6 +49,41 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
+#: WinCLIP's full compositional ensemble (``method="windows"``): the state and template
+#: lists of the paper's supplement as anomalib's ``prompting.py`` uses them, 7 x 21 normal
+#: and 4 x 21 anomalous prompts. The repeated jpeg template is part of that list.
+WINCLIP_NORMAL_STATES: tuple[str, ...] = NORMAL_STATES
+WINCLIP_ANOMALOUS_STATES: tuple[str, ...] = (
+    "damaged {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+WINCLIP_TEMPLATES: tuple[str, ...] = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+)
+
+
 def readable_class_name(class_name: str) -> str:
     """``"metal_nut"`` -> ``"metal nut"`` (what goes into the prompts)."""
     return class_name.replace("_", " ").replace("-", " ").strip()
@@ -74,7 +109,11 @@ def build_prompts(
 
 
 def average_anchor(prompt_embeddings: torch.Tensor) -> torch.Tensor:
-    """(P, D) L2-normalised prompt embeddings -> (D,) normalised mean.
+    """(P, D) prompt embeddings -> (D,) normalised mean.
+
+    The token method averages L2-normalised prompt embeddings; the window method
+    (like WinCLIP and anomalib) averages the raw ones, which weights each prompt by
+    its norm.
 
     Example:
         >>> average_anchor(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))

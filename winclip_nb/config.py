@@ -18,6 +18,12 @@ from typing import Any
 
 from .errors import ConfigError
 
+# --- method -------------------------------------------------------------------------
+#: ``tokens``: multi-layer patch tokens vs text anchors and a coreset memory (notebooks
+#: 01-04, fast). ``windows``: WinCLIP / WinCLIP+ window embeddings (notebook 07).
+METHODS = ("tokens", "windows")
+DEFAULT_METHOD = "tokens"
+
 # --- backbone (notebook 01) ---------------------------------------------------
 DEFAULT_MODEL_NAME = "ViT-B-16"
 DEFAULT_PRETRAINED = "openai"
@@ -28,6 +34,15 @@ DEFAULT_DEVICE = "auto"
 #: CLIP's RGB normalisation (the same for OpenAI and LAION checkpoints).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# --- windows method (notebook 07): the paper's backbone and scales --------------------
+WINDOWS_MODEL_NAME = "ViT-B-16-plus-240"
+WINDOWS_PRETRAINED = "laion400m_e31"
+WINDOWS_IMAGE_SIZE = 240
+#: Window sides in patches (15 x 15 grid at 240 px).
+DEFAULT_WINDOW_SCALES: tuple[int, ...] = (2, 3)
+#: CLIP's softmax temperature for window/text similarities (``logit = cos / 0.07``).
+DEFAULT_WINDOW_TEMPERATURE = 0.07
 
 # --- text anchors (notebook 02) ------------------------------------------------
 #: Softmax temperature of CLIP's logit scale, used for the text map.
@@ -65,6 +80,7 @@ DEFAULT_SEED = 0
 class WinCLIPConfig:
     """All settings of a detection run. ``validate()`` checks every range."""
 
+    method: str = DEFAULT_METHOD
     model_name: str = DEFAULT_MODEL_NAME
     pretrained: str | None = DEFAULT_PRETRAINED
     layers: tuple[int, ...] = DEFAULT_LAYERS
@@ -84,14 +100,40 @@ class WinCLIPConfig:
     hotspot_threshold: float = DEFAULT_HOTSPOT_THRESHOLD
     top_k: int = DEFAULT_TOP_K
     min_hotspot_area: float = DEFAULT_MIN_HOTSPOT_AREA
+    window_scales: tuple[int, ...] = DEFAULT_WINDOW_SCALES
+    window_temperature: float = DEFAULT_WINDOW_TEMPERATURE
     seed: int = DEFAULT_SEED
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(i) for i in self.layers)
+        self.window_scales = tuple(int(s) for s in self.window_scales)
+
+    @classmethod
+    def for_method(cls, method: str = DEFAULT_METHOD, **changes: Any) -> WinCLIPConfig:
+        """Defaults of ``method`` (the windows method uses the paper's backbone and size),
+        with ``changes`` applied, validated.
+
+        >>> WinCLIPConfig.for_method("windows").model_name
+        'ViT-B-16-plus-240'
+        """
+        base = {"method": method, **method_defaults(method)}
+        return cls(**(base | changes)).validate()
 
     def validate(self) -> WinCLIPConfig:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if (
+            not self.window_scales
+            or len(set(self.window_scales)) != len(self.window_scales)
+            or min(self.window_scales) < 1
+        ):
+            raise ConfigError(
+                f"window_scales must be distinct integers >= 1, got {list(self.window_scales)}"
+            )
+        if not (math.isfinite(self.window_temperature) and self.window_temperature > 0):
+            raise ConfigError(f"window_temperature must be > 0, got {self.window_temperature}")
         if not self.layers:
             raise ConfigError("layers must name at least one transformer layer, got ()")
         if len(set(self.layers)) != len(self.layers):
@@ -122,11 +164,33 @@ class WinCLIPConfig:
         """JSON-ready dict (tuples become lists)."""
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["window_scales"] = list(self.window_scales)
         return d
 
     def replace(self, **changes: Any) -> WinCLIPConfig:
         """A copy with some settings changed, validated."""
         return dataclasses.replace(self, **changes).validate()
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """Model name, weights and input size that ``method`` uses unless told otherwise.
+
+    >>> method_defaults("tokens")["model_name"], method_defaults("windows")["image_size"]
+    ('ViT-B-16', 240)
+    """
+    if method == "tokens":
+        return {
+            "model_name": DEFAULT_MODEL_NAME,
+            "pretrained": DEFAULT_PRETRAINED,
+            "image_size": DEFAULT_IMAGE_SIZE,
+        }
+    if method == "windows":
+        return {
+            "model_name": WINDOWS_MODEL_NAME,
+            "pretrained": WINDOWS_PRETRAINED,
+            "image_size": WINDOWS_IMAGE_SIZE,
+        }
+    raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def check_coreset_ratio(ratio: float) -> float:

@@ -25,9 +25,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
-from .anchors import average_anchor, build_prompts, global_text_score, text_map
+from .anchors import (
+    WINCLIP_ANOMALOUS_STATES,
+    WINCLIP_NORMAL_STATES,
+    WINCLIP_TEMPLATES,
+    average_anchor,
+    build_prompts,
+    global_text_score,
+    text_map,
+)
 from .backbone import ClipBackbone
-from .config import WinCLIPConfig, check_coreset_ratio, check_fusion_weights
+from .config import (
+    NORMALIZATION_MODES,
+    WinCLIPConfig,
+    check_coreset_ratio,
+    check_fusion_weights,
+    method_defaults,
+)
 from .data import class_kind, load_image
 from .errors import ConfigError, MemoryBankError
 from .maps import (
@@ -42,6 +56,14 @@ from .maps import (
 )
 from .memory import NormalMemory, greedy_coreset
 from .results import DetectionResult
+from .windows import (
+    WindowEmbeddings,
+    WindowEncoder,
+    WindowMemory,
+    combine_scores,
+    few_shot_map,
+    zero_shot_scores,
+)
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # Any: PIL.Image.Image
 
@@ -88,6 +110,11 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Itera
 class WinCLIP(nn.Module):
     """Zero-/few-shot anomaly detector in the WinCLIP style.
 
+    ``method="tokens"`` (default) scores multi-layer patch tokens against text anchors
+    and a coreset memory (notebooks 01-04). ``method="windows"`` is WinCLIP / WinCLIP+
+    proper (notebook 07, :mod:`winclip_nb.windows`): window embeddings, harmonic
+    aggregation, and the paper's ViT-B-16-plus-240 at 240 px unless told otherwise.
+
     Args:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         model_name: open_clip model name.
@@ -118,6 +145,9 @@ class WinCLIP(nn.Module):
             "image_size": image_size,
         }
         changes = {k: v for k, v in given.items() if v is not None} | overrides
+        if config is None and changes.get("method") not in (None, cfg.method):
+            # Another method without a config: its own model, weights and size by default.
+            changes = method_defaults(changes["method"]) | changes
         self.config = cfg.replace(**changes) if changes else cfg.validate()
         self.backbone = ClipBackbone(
             self.config.model_name,
@@ -127,10 +157,19 @@ class WinCLIP(nn.Module):
             self.config.device,
             self.config.seed,
         )
-        self.memory: NormalMemory | None = None
+        self.memory: NormalMemory | WindowMemory | None = None
         self.class_name: str | None = None
+        #: The window encoder of ``method="windows"`` (None for tokens).
+        self.windows: WindowEncoder | None = None
+        if self.method == "windows":
+            self.windows = WindowEncoder(self.backbone.model.visual, self.config.window_scales)
 
     # ------------------------------------------------------------------ basics
+    @property
+    def method(self) -> str:
+        """``"tokens"`` or ``"windows"``."""
+        return self.config.method
+
     @property
     def device(self) -> torch.device:
         return self.backbone.device
@@ -162,8 +201,16 @@ class WinCLIP(nn.Module):
         """(normal_anchor, anomalous_anchor), each (D,) L2-normalised, for one class."""
         if not class_name or not str(class_name).strip():
             raise ConfigError(f"class_name must be a non-empty string, got {class_name!r}")
-        normal_prompts, anomalous_prompts = build_prompts(class_name)
-        embeddings = self.backbone.encode_text(normal_prompts + anomalous_prompts)
+        if self.method == "windows":
+            # WinCLIP's full ensemble; raw (unnormalised) prompt embeddings are averaged.
+            normal_prompts, anomalous_prompts = build_prompts(
+                class_name, WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES
+            )
+        else:
+            normal_prompts, anomalous_prompts = build_prompts(class_name)
+        embeddings = self.backbone.encode_text(
+            normal_prompts + anomalous_prompts, normalize=self.method != "windows"
+        )
         n = len(normal_prompts)
         self.class_name = class_name
         return average_anchor(embeddings[:n]), average_anchor(embeddings[n:])
@@ -185,6 +232,40 @@ class WinCLIP(nn.Module):
             tokens.append(t)
             embeds.append(e)
         return torch.cat(tokens), torch.cat(embeds)
+
+    @torch.inference_mode()
+    def extract_windows(
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> WindowEmbeddings:
+        """Resized (S, S, 3) uint8 images -> image, patch and window embeddings (windows)."""
+        encoder = self._window_encoder()
+        bs = batch_size or self.config.batch_size
+        parts: list[WindowEmbeddings] = []
+        starts = range(0, len(images), bs)
+        for start in _progress(starts, len(starts), "windows", progress):
+            pixels = self.backbone.to_pixels(np.stack(images[start : start + bs]))
+            emb = encoder(pixels)
+            parts.append(
+                WindowEmbeddings(
+                    emb.image.float(), emb.patches.float(), [w.float() for w in emb.windows]
+                )
+            )
+        return WindowEmbeddings(
+            image=torch.cat([p.image for p in parts]),
+            patches=torch.cat([p.patches for p in parts]),
+            windows=[torch.cat(ws) for ws in zip(*(p.windows for p in parts), strict=True)],
+        )
+
+    def _window_encoder(self) -> WindowEncoder:
+        if self.windows is None:
+            raise ConfigError(
+                f"this WinCLIP uses method={self.method!r}; window embeddings need "
+                "WinCLIP(method='windows')"
+            )
+        return self.windows
 
     # ------------------------------------------------------------ 03 memory
     def build_normal_memory(
@@ -215,6 +296,10 @@ class WinCLIP(nn.Module):
         seed = self.config.seed if seed is None else int(seed)
         resized = [prepared[0] for prepared in _map_images(self.prepare, images)]
         fg_work = self._foreground_masks(resized, self.config.fg_threshold)
+        if self.method == "windows":
+            return self._build_window_memory(
+                resized, fg_work, normal_anchor, anomalous_anchor, seed, progress
+            )
         tokens, _ = self.extract(resized, progress=progress)  # (n, L, N, D)
         n_img, n_layers, n_patch, dim = tokens.shape
 
@@ -247,8 +332,41 @@ class WinCLIP(nn.Module):
         self.memory = memory
         return memory
 
+    def _build_window_memory(
+        self,
+        resized: list[np.ndarray],
+        fg_work: np.ndarray,
+        normal_anchor: torch.Tensor,
+        anomalous_anchor: torch.Tensor,
+        seed: int,
+        progress: bool,
+    ) -> WindowMemory:
+        """WinCLIP+ reference memory: every patch and window of the k images is kept.
+
+        With k >= 2 the references are also scored leave-one-image-out (zero-shot map
+        plus few-shot map against the other references), for ``calibrated`` maps.
+        """
+        encoder = self._window_encoder()
+        emb = self.extract_windows(resized, progress=progress)
+        metadata = self._memory_metadata(1.0, len(resized), seed)
+        metadata["window_scales"] = list(self.config.window_scales)
+        memory = WindowMemory.from_embeddings(emb, metadata)
+        k = len(resized)
+        if k >= 2:
+            text = torch.stack([normal_anchor, anomalous_anchor]).to(emb.image)
+            zero_map, zero_score = zero_shot_scores(
+                emb, text, encoder.coverages, self.grid_size, self.config.window_temperature
+            )
+            ids = torch.arange(k, device=emb.image.device)
+            few = few_shot_map(emb, memory, encoder.coverages, self.grid_size, query_groups=ids)
+            memory.train_maps = combine_scores(zero_map, zero_score, few)[0].cpu()
+        memory.train_fg_masks = torch.from_numpy(fg_work.astype(np.uint8))
+        self.memory = memory
+        return memory
+
     def _memory_metadata(self, ratio: float, n_images: int, seed: int) -> dict[str, Any]:
         return {
+            "method": self.method,
             "model_name": self.config.model_name,
             "weights": self.weights_label,
             "random_weights": self.random_weights,
@@ -276,7 +394,11 @@ class WinCLIP(nn.Module):
             "layers": list(self.config.layers),
             "image_size": self.config.image_size,
         }
-        memory = NormalMemory.load(path, expected)
+        if self.method == "windows":
+            expected["window_scales"] = list(self.config.window_scales)
+            memory = WindowMemory.load(path, expected)
+        else:
+            memory = NormalMemory.load(path, expected)
         self.memory = memory.to(self.device)
         self.class_name = self.class_name or memory.metadata.get("class_name")
         return self.memory
@@ -303,6 +425,8 @@ class WinCLIP(nn.Module):
         """
         key = (float(text_weight), float(nn_weight))
         mem = self.memory
+        if isinstance(mem, WindowMemory):
+            return self._window_calibration(mem)
         if mem is None or mem.train_nn_maps.numel() == 0:
             raise MemoryBankError("no calibration data: build_normal_memory first")
         if key in mem.calibration_cache:
@@ -321,6 +445,15 @@ class WinCLIP(nn.Module):
         stats = {name: tuple(v.to(self.device) for v in pair) for name, pair in computed.items()}
         mem.calibration_cache[key] = stats
         return stats
+
+    def _window_calibration(self, mem: WindowMemory) -> dict[str, Any]:
+        """``map_stats`` over foreground pixels of the references' leave-one-out maps."""
+        if "map_stats" not in mem.calibration_cache:
+            fg_work = mem.train_fg_masks.bool()
+            size = (self.config.image_size, self.config.image_size)
+            center, scale = robust_stats(upsample_maps(mem.train_maps, size)[fg_work])
+            mem.calibration_cache["map_stats"] = (center.to(self.device), scale.to(self.device))
+        return {"map_stats": mem.calibration_cache["map_stats"]}
 
     # ---------------------------------------------------------- 01-04 detect
     @torch.inference_mode()
@@ -344,7 +477,11 @@ class WinCLIP(nn.Module):
         Returns:
             dict of tensors: ``text_map``, ``nn_map`` (or None), ``fused_map`` (B, h, w);
             ``anomaly_map`` (B, S, S) normalised and smoothed; ``fg_mask`` (B, S, S);
-            ``score`` and ``text_score`` (B,).
+            ``score`` and ``text_score`` (B,). With ``method="windows"`` also ``raw_map``
+            (B, S, S) and ``raw_score`` (B,): WinCLIP's own map and image score (what
+            anomalib's WinClipModel returns as ``anomaly_map`` and ``pred_score``);
+            ``text_map`` / ``nn_map`` are then the zero-shot / few-shot grid maps,
+            ``fused_map`` their WinCLIP combination, and ``score`` is ``raw_score``.
         """
         cfg = self.config
         tw, nw = check_fusion_weights(
@@ -352,8 +489,8 @@ class WinCLIP(nn.Module):
             cfg.nn_weight if nn_weight is None else nn_weight,
         )
         mode = normalization or cfg.normalization
-        if mode not in ("per_image", "calibrated"):
-            raise ConfigError(f"normalization must be 'per_image' or 'calibrated', got {mode!r}")
+        if mode not in NORMALIZATION_MODES:
+            raise ConfigError(f"normalization must be one of {NORMALIZATION_MODES}, got {mode!r}")
         sigma = cfg.sigma if sigma is None else float(sigma)
         fg_thr = cfg.fg_threshold if fg_threshold is None else float(fg_threshold)
 
@@ -371,6 +508,17 @@ class WinCLIP(nn.Module):
             else:
                 fg = _to_device(self._foreground_masks(images_np, fg_thr), self.device)
 
+        if self.method == "windows":
+            if fg_pending:
+                fg = _to_device(np.stack([job.result() for job in fg_pending]), self.device)
+            return self._detect_windows(
+                resized,
+                normal_anchor,
+                anomalous_anchor,
+                fg,
+                mode,
+                sigma,  # type: ignore[arg-type]
+            )
         tokens, image_embedding = self.backbone(resized)
         b = tokens.shape[0]
         h, w = self.grid_size
@@ -385,6 +533,61 @@ class WinCLIP(nn.Module):
             fg = _to_device(np.stack([job.result() for job in fg_pending]), self.device)
         out = self.postprocess(txt, nn_map, fg, text_score, tw, nw, mode, sigma)
         return {"text_map": txt, "nn_map": nn_map, "text_score": text_score, **out}
+
+    def _detect_windows(
+        self,
+        resized: np.ndarray | torch.Tensor,
+        normal_anchor: torch.Tensor,
+        anomalous_anchor: torch.Tensor,
+        fg: torch.Tensor,
+        normalization: str,
+        sigma: float,
+    ) -> dict[str, Any]:
+        """WinCLIP / WinCLIP+ maps of a batch, then the usual stage-04 post-processing."""
+        encoder = self._window_encoder()
+        if isinstance(self.memory, WindowMemory):
+            self.memory.check_layout(encoder)
+        elif self.memory is not None:
+            raise MemoryBankError(
+                "this memory was built by method='tokens'; rebuild it with method='windows'"
+            )
+        emb = encoder(self.backbone.to_pixels(resized))
+        text = torch.stack([normal_anchor, anomalous_anchor]).to(self.device, torch.float32)
+        zero_map, zero_score = zero_shot_scores(
+            emb, text, encoder.coverages, self.grid_size, self.config.window_temperature
+        )
+        few = None
+        if isinstance(self.memory, WindowMemory):
+            few = few_shot_map(emb, self.memory, encoder.coverages, self.grid_size)
+        grid_map, raw_score = combine_scores(zero_map, zero_score, few)
+        side = self.config.image_size
+        raw_map = upsample_maps(grid_map, (side, side))
+        mode = normalization
+        has_train_maps = isinstance(self.memory, WindowMemory) and self.memory.train_maps.numel()
+        if mode == "calibrated" and not has_train_maps:
+            warnings.warn(
+                "calibrated normalisation needs >= 2 reference images with method='windows'; "
+                "using per_image",
+                stacklevel=3,
+            )
+            mode = "per_image"
+        if mode == "calibrated":
+            center, scale = self.calibration(0.0, 1.0)["map_stats"]
+            normed = robust_normalize(raw_map, fg, center, scale)
+        else:
+            normed = robust_normalize(raw_map, fg)
+        return {
+            "text_map": zero_map,
+            "nn_map": few,
+            "text_score": zero_score,
+            "fused_map": grid_map,
+            "raw_map": raw_map,
+            "raw_score": raw_score,
+            "anomaly_map": gaussian_smooth(normed, sigma),
+            "fg_mask": fg,
+            "score": raw_score,
+            "normalization": mode,
+        }
 
     def postprocess(
         self,
@@ -512,6 +715,9 @@ class WinCLIP(nn.Module):
             fg_mask,
         )
         nn_map = out["nn_map"]
+        extras: dict[str, Any] = {"method": self.method}
+        if "raw_score" in out:
+            extras["raw_score"] = float(out["raw_score"][i])
         return DetectionResult(
             anomaly_map=anomaly_map,
             score=float(out["score"][i]),
@@ -523,6 +729,7 @@ class WinCLIP(nn.Module):
             text_score=float(out["text_score"][i]),
             normalization=str(out["normalization"]),
             random_weights=self.random_weights,
+            extras=extras,
         )
 
     def compute_foreground_mask(

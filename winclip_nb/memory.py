@@ -160,6 +160,63 @@ def nearest_neighbor_distance(
     return out[0] if squeeze else out
 
 
+def save_bank(module: nn.Module, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Write a module's non-empty buffers to ``path`` (.safetensors), metadata as JSON
+    in the header, atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: buf.detach().cpu().contiguous()
+        for name, buf in module.named_buffers()
+        if buf.numel() > 0
+    }
+    meta = dict(metadata, format_version=MEMORY_FORMAT_VERSION)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"winclip_nb": json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)
+    return path
+
+
+def read_bank(
+    path: str | Path, expected: dict[str, Any] | None, required: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a bank file written by :func:`save_bank` (never unpickled).
+
+    Raises :class:`MemoryBankError` naming the file when it is not a ``.safetensors``
+    bank, lacks one of the ``required`` tensors, or was built with other ``expected``
+    settings.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise MemoryBankError(
+            f"memory banks load only from .safetensors files (no pickle), got {path}"
+        )
+    if not path.is_file():
+        raise MemoryBankError(f"memory bank file not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(str(path))
+        meta = json.loads(header["winclip_nb"])
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types
+        raise MemoryBankError(f"{path} is not a winclip_nb memory bank: {err}") from err
+    for key, value in (expected or {}).items():
+        saved = meta.get(key)
+        if json.dumps(saved) != json.dumps(value):
+            raise MemoryBankError(
+                f"memory bank {path} was built with {key}={saved!r}, "
+                f"but this model uses {key}={value!r}; rebuild it for this model"
+            )
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise MemoryBankError(
+            f"{path} is not a winclip_nb memory bank: tensors {missing} are missing"
+        )
+    return tensors, meta
+
+
 class NormalMemory(nn.Module):
     """Coreset of normal patch tokens per layer, plus what calibration needs.
 
@@ -227,18 +284,7 @@ class NormalMemory(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         """Write tensors to a ``.safetensors`` file with JSON metadata in its header."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            name: buf.detach().cpu().contiguous()
-            for name, buf in self.named_buffers()
-            if buf.numel() > 0
-        }
-        meta = dict(self.metadata, format_version=MEMORY_FORMAT_VERSION)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"winclip_nb": json.dumps(meta, sort_keys=True)})
-        tmp.replace(path)
-        return path
+        return save_bank(self, path, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path, expected: dict[str, Any] | None = None) -> NormalMemory:
@@ -247,34 +293,7 @@ class NormalMemory(nn.Module):
         Args:
             expected: metadata values the bank must match (see ``MATCHING_METADATA``).
         """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            raise MemoryBankError(
-                f"memory banks load only from .safetensors files (no pickle), got {path}"
-            )
-        if not path.is_file():
-            raise MemoryBankError(f"memory bank file not found: {path}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-            tensors = load_file(str(path))
-            meta = json.loads(header["winclip_nb"])
-        except Exception as err:  # noqa: BLE001 - safetensors raises several types
-            raise MemoryBankError(f"{path} is not a winclip_nb memory bank: {err}") from err
-        for key, value in (expected or {}).items():
-            saved = meta.get(key)
-            if json.dumps(saved) != json.dumps(value):
-                raise MemoryBankError(
-                    f"memory bank {path} was built with {key}={saved!r}, "
-                    f"but this model uses {key}={value!r}; rebuild it for this model"
-                )
-        missing = [k for k in ("bank", "source_image", "source_patch") if k not in tensors]
-        if missing:
-            raise MemoryBankError(
-                f"{path} is not a winclip_nb memory bank: tensors {missing} are missing"
-            )
+        tensors, meta = read_bank(path, expected, ("bank", "source_image", "source_patch"))
         memory = cls(tensors["bank"], tensors["source_image"], tensors["source_patch"], meta)
         for name in ("train_text_maps", "train_nn_maps", "train_fg_masks"):
             if name in tensors:
