@@ -57,18 +57,20 @@ from .config import (
     DEFAULT_CORESET_RATIO,
     DEFAULT_DEVICE,
     DEFAULT_HOTSPOT_THRESHOLD,
-    DEFAULT_IMAGE_SIZE,
     DEFAULT_LAYERS,
-    DEFAULT_MODEL_NAME,
+    DEFAULT_METHOD,
     DEFAULT_NN_WEIGHT,
     DEFAULT_NORMALIZATION,
+    DEFAULT_PRETRAINED,
     DEFAULT_SEED,
     DEFAULT_SIGMA,
     DEFAULT_TEXT_WEIGHT,
+    METHODS,
     NORMALIZATION_MODES,
     WinCLIPConfig,
     check_coreset_ratio,
     check_fusion_weights,
+    method_defaults,
 )
 from .data import (
     LABEL_DEFECTIVE,
@@ -146,6 +148,11 @@ RUNTIME_KEYS = frozenset(
     }
 )
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+#: What the metrics of each method are computed on (recorded in results.json).
+SCORED_MAPS = {
+    "tokens": "anomaly_map and score after post-processing (fusion, normalisation, smoothing)",
+    "windows": "raw_map and raw_score: WinCLIP's own map and image score (as anomalib returns)",
+}
 
 
 # ======================================================================================
@@ -174,7 +181,13 @@ class BenchmarkConfig:
     ``classes`` -> every class under the root; ``weights`` -> ``"auto"`` on synthetic
     data, ``"openai"`` on real data; ``coreset_ratio`` -> 1.0 for k-shot, 0.1 for full;
     ``normalization`` -> ``per_image`` zero-shot, ``calibrated`` otherwise;
-    ``workers`` -> min(4, CPUs - 1) on CUDA, 0 on CPU.
+    ``workers`` -> min(4, CPUs - 1) on CUDA, 0 on CPU; ``model_name`` and
+    ``image_size`` -> the method's (ViT-B-16 at 224 for tokens, ViT-B-16-plus-240 at 240
+    for windows).
+
+    With ``method="windows"`` the metrics are computed on WinCLIP's own map and image
+    score (``raw_map``, ``raw_score``), the numbers anomalib and the paper report; the
+    memory keeps every patch and window of its images (no coreset).
     """
 
     data_root: str | None = None
@@ -182,11 +195,12 @@ class BenchmarkConfig:
     k_shot: int | str = DEFAULT_K_SHOT
     max_images: int | None = DEFAULT_MAX_MEMORY_IMAGES
     seeds: list[int] = field(default_factory=lambda: [DEFAULT_SEED])
+    method: str = DEFAULT_METHOD
     weights: str | None = None
-    model_name: str = DEFAULT_MODEL_NAME
+    model_name: str | None = None
     device: str = DEFAULT_DEVICE
     batch_size: int = DEFAULT_BATCH_SIZE
-    image_size: int = DEFAULT_IMAGE_SIZE
+    image_size: int | None = None
     layers: tuple[int, ...] = DEFAULT_LAYERS
     text_weight: float = DEFAULT_TEXT_WEIGHT
     nn_weight: float = DEFAULT_NN_WEIGHT
@@ -206,6 +220,11 @@ class BenchmarkConfig:
     def validate(self) -> BenchmarkConfig:
         """A checked copy with ``k_shot``, ``seeds``, ``layers``, ``max_images`` normalised."""
         k_shot = parse_k_shot(self.k_shot)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        defaults = method_defaults(self.method)
+        model_name = self.model_name or defaults["model_name"]
+        image_size = defaults["image_size"] if self.image_size is None else self.image_size
         seeds = [self.seeds] if isinstance(self.seeds, int) else list(self.seeds)
         if not seeds or any(isinstance(s, bool) or int(s) != s or s < 0 for s in seeds):
             raise ConfigError(f"seeds must be one or more integers >= 0, got {self.seeds!r}")
@@ -214,9 +233,9 @@ class BenchmarkConfig:
         max_images = self.max_images or None
         if max_images is not None and max_images < 1:
             raise ConfigError(f"max_images must be >= 1 (0 = all), got {self.max_images}")
-        for name in ("batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, value in (("batch_size", self.batch_size), ("image_size", image_size)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.eval_size != 0 and self.eval_size < MIN_EVAL_SIZE:
             raise ConfigError(
                 f"eval_size must be 0 (full resolution) or >= {MIN_EVAL_SIZE}, got {self.eval_size}"
@@ -238,14 +257,20 @@ class BenchmarkConfig:
                 "normalization 'calibrated' needs a normal memory, but k_shot is 0 (zero-shot); "
                 "use normalization 'per_image'"
             )
+        if self.method == "windows" and k_shot == 1 and self.normalization == "calibrated":
+            raise ConfigError(
+                "normalization 'calibrated' with method 'windows' needs k_shot >= 2 (the "
+                "references are calibrated leave-one-image-out); use normalization 'per_image'"
+            )
         if self.classes is not None and not list(self.classes):
             raise ConfigError("classes must name at least one class (or be None for all)")
         # The detector's own checks (layers distinct, image_size >= 32, sigma >= 0, ...),
         # here so that a bad setting stops the run before any model is built.
         WinCLIPConfig(
-            model_name=self.model_name,
+            method=self.method,
+            model_name=model_name,
             layers=tuple(int(i) for i in self.layers),
-            image_size=self.image_size,
+            image_size=image_size,
             batch_size=self.batch_size,
             text_weight=self.text_weight,
             nn_weight=self.nn_weight,
@@ -253,6 +278,8 @@ class BenchmarkConfig:
         ).validate()
         return dataclasses.replace(
             self,
+            model_name=model_name,
+            image_size=int(image_size),
             k_shot=k_shot,
             seeds=[int(s) for s in seeds],
             max_images=max_images,
@@ -267,7 +294,7 @@ class BenchmarkConfig:
     @property
     def effective_coreset_ratio(self) -> float | None:
         """The coreset ratio used (None: zero-shot, no memory)."""
-        if self.zero_shot:
+        if self.zero_shot or self.method == "windows":
             return None
         if self.coreset_ratio is not None:
             return float(self.coreset_ratio)
@@ -277,7 +304,9 @@ class BenchmarkConfig:
     def effective_normalization(self) -> str:
         if self.normalization is not None:
             return self.normalization
-        return "per_image" if self.zero_shot else DEFAULT_NORMALIZATION
+        if self.zero_shot or (self.method == "windows" and self.k_shot == 1):
+            return "per_image"
+        return DEFAULT_NORMALIZATION
 
     @property
     def effective_max_images(self) -> int | None:
@@ -306,6 +335,21 @@ def default_workers(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return max(0, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+def default_weights(cfg: BenchmarkConfig) -> str:
+    """Weights of a run on real data when none are named: the method's tag for its own
+    model (``openai`` for tokens, ``laion400m_e31`` for windows), else open_clip's first
+    tag for the model.
+
+    >>> default_weights(BenchmarkConfig(method="windows").validate())
+    'laion400m_e31'
+    """
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(cfg.model_name)
+    preferred = (method_defaults(cfg.method)["pretrained"], DEFAULT_PRETRAINED)
+    return next((t for t in preferred if t in tags), tags[0] if tags else "random")
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> tuple[Path, bool]:
@@ -563,7 +607,7 @@ def evaluate_class(
         n_test=int(labels.size),
         n_defective=int(np.count_nonzero(labels == LABEL_DEFECTIVE)),
         n_memory_images=len(train),
-        memory_patches=None if winclip.memory is None else int(winclip.memory.bank.shape[1]),
+        memory_patches=None if winclip.memory is None else winclip.memory.size,
         seconds=round(total, 3),
         memory_seconds=round(memory_seconds, 3),
         test_seconds=round(arrays["test_seconds"], 3),
@@ -641,7 +685,9 @@ def _run_test_images(
                         normalization=cfg.effective_normalization,
                         sigma=cfg.sigma,
                     )
-                    _store_maps(out["anomaly_map"], batch, keep, rows, eval_size, maps, masks)
+                    # windows: WinCLIP's own map and score (the published protocol)
+                    scored_map = out["raw_map"] if cfg.method == "windows" else out["anomaly_map"]
+                    _store_maps(scored_map, batch, keep, rows, eval_size, maps, masks)
                     scores[rows] = out["score"].float().cpu().numpy()
                     ok[rows] = True
                 done += len(errors)
@@ -942,6 +988,7 @@ def _load_model(cfg: BenchmarkConfig, weights: str, seed: int, device: torch.dev
 
     return WinCLIP(
         device=str(device),
+        method=cfg.method,
         model_name=cfg.model_name,
         pretrained=weights,
         layers=cfg.layers,
@@ -1012,6 +1059,7 @@ def describe_run(
         normalization=cfg.effective_normalization,
         max_images=cfg.effective_max_images,
         k_shot_label=k_shot_label(cfg.k_shot),
+        scored_maps=SCORED_MAPS[cfg.method],
         metrics_unit="percent",
         eval_resolution="full" if cfg.eval_size == 0 else f"{cfg.eval_size}x{cfg.eval_size}",
         throughput_note=THROUGHPUT_NOTE,
@@ -1040,7 +1088,7 @@ def run_benchmark(
     for data in class_data.values():
         memory_images(data, cfg, cfg.seeds[0])  # k larger than the training set fails here
 
-    weights_requested = cfg.weights or ("auto" if synthetic else "openai")
+    weights_requested = cfg.weights or ("auto" if synthetic else default_weights(cfg))
     resolved = resolve_weights(cfg.model_name, weights_requested)
     check_layers(cfg.model_name, cfg.layers)
     # A tag is passed on as a tag (it carries open_clip's quick_gelu setting), never a file.
@@ -1217,9 +1265,12 @@ def _metrics_of(result: dict[str, Any]) -> dict[str, Any]:
 # Table
 # ======================================================================================
 def _header_lines(config: dict[str, Any]) -> list[str]:
-    lines = []
+    lines = [f"method: {config.get('method', DEFAULT_METHOD)}"]
     if config.get("random_weights"):
-        lines.append(f"weights: {config.get('weights')}  ** {RANDOM_WEIGHTS_BANNER} **")
+        lines.append(
+            f"weights: {config.get('model_name')} / {config.get('weights')}  "
+            f"** {RANDOM_WEIGHTS_BANNER} **"
+        )
     else:
         lines.append(f"weights: {config.get('model_name')} / {config.get('weights')}")
     if config.get("synthetic"):
@@ -1232,6 +1283,8 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
     memory = (
         "no memory (text map only)"
         if config.get("k_shot") == 0
+        else "every patch and window of the references"
+        if config.get("coreset_ratio") is None
         else f"coreset ratio {config.get('coreset_ratio')}"
         + (
             f", at most {config.get('max_images')} memory images"
@@ -1333,10 +1386,12 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     shots.add_argument(
         "--k-shot",
         type=_k_shot_arg,
-        default=d.k_shot,
+        nargs="+",
+        default=[d.k_shot],
         metavar="{0,1,2,4,8,...,full}",
         help="0: zero-shot (text only); k: k drawn train/good images, every patch kept; "
-        "full: all train/good images with the coreset (default: full)",
+        "full: all train/good images with the coreset (default: full). Several values "
+        "run one after the other, each into <out>/<k-shot label>, then a summary table",
     )
     shots.add_argument(
         "--max-images",
@@ -1362,6 +1417,14 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model = parser.add_argument_group("model")
     model.add_argument(
+        "--method",
+        choices=METHODS,
+        default=d.method,
+        help="tokens: multi-layer patch tokens, text anchors and a coreset memory (fast, "
+        "default); windows: WinCLIP / WinCLIP+ window embeddings with harmonic aggregation "
+        "(the paper's method; default model ViT-B-16-plus-240 at 240 px)",
+    )
+    model.add_argument(
         "--weights",
         default=None,
         metavar="openai|PATH|random|auto",
@@ -1371,16 +1434,16 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model",
         dest="model_name",
-        default=d.model_name,
-        help=f"open_clip model name (default {d.model_name})",
+        default=None,
+        help="open_clip model name (default: ViT-B-16 for tokens, ViT-B-16-plus-240 for windows)",
     )
     model.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     model.add_argument("--batch-size", type=int, default=d.batch_size)
     model.add_argument(
         "--image-size",
         type=int,
-        default=d.image_size,
-        help=f"model input side (default {d.image_size}; 112 is 4x faster)",
+        default=None,
+        help="model input side (default 224 for tokens, 240 for windows; 112 is ~4x faster)",
     )
     model.add_argument("--layers", type=int, nargs="+", default=list(d.layers), metavar="I")
     maps = parser.add_argument_group("maps")
@@ -1436,21 +1499,65 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
-    """A :class:`BenchmarkConfig` from parsed ``add_benchmark_arguments`` options."""
+def configs_from_args(args: argparse.Namespace) -> list[BenchmarkConfig]:
+    """One validated :class:`BenchmarkConfig` per ``--k-shot`` value.
+
+    With several values each run writes into ``<out>/<k-shot label>`` (e.g.
+    ``results/benchmark/zero-shot``), so they can be resumed one by one.
+    """
     names = {f.name for f in dataclasses.fields(BenchmarkConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    return BenchmarkConfig(**values).validate()
+    shots = values.pop("k_shot", DEFAULT_K_SHOT)
+    shots = list(dict.fromkeys(shots if isinstance(shots, list) else [shots]))
+    out = values.pop("out", DEFAULT_OUT_DIR)
+    configs = []
+    for k in shots:
+        k_out = out if len(shots) == 1 else str(Path(out) / k_shot_label(k))
+        configs.append(BenchmarkConfig(k_shot=k, out=k_out, **values).validate())
+    return configs
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The :class:`BenchmarkConfig` of parsed options with a single ``--k-shot`` value."""
+    configs = configs_from_args(args)
+    if len(configs) != 1:
+        raise ConfigError(f"expected one --k-shot value, got {len(configs)}")
+    return configs[0]
+
+
+def format_summary(runs: Sequence[dict[str, Any]]) -> str:
+    """One MEAN row per run (e.g. per k-shot): the comparison a multi-k run ends with.
+
+    >>> row = {"config": {"k_shot_label": "zero-shot"}, "mean": {"image_auroc": 50.0}}
+    >>> print(format_summary([row]).splitlines()[2])
+    zero-shot        50.0     n/a     n/a     n/a     n/a     n/a
+    """
+    head = "k-shot".ljust(12) + "".join(METRIC_TITLES[k].rjust(8) for k in METRIC_KEYS)
+    lines = ["MEAN over classes, per run:", head]
+    for results in runs:
+        mean = results.get("mean", {})
+        label = str(results.get("config", {}).get("k_shot_label", "?"))
+        cells = ["n/a" if mean.get(k) is None else f"{mean[k]:.1f}" for k in METRIC_KEYS]
+        lines.append(label.ljust(12) + "".join(c.rjust(8) for c in cells))
+    return "\n".join(lines)
 
 
 def run_benchmark_cli(args: argparse.Namespace) -> int:
-    """``winclip-nb benchmark``: run, print the table and where the files are; exit code."""
-    cfg = config_from_args(args)
-    results = run_benchmark(cfg, progress=not getattr(args, "no_progress", False))
-    print()
-    print(format_table(results))
-    out = Path(cfg.out)
-    print(f"\nwritten: {out / RESULTS_JSON}, {out / RESULTS_CSV}", file=sys.stdout)
+    """``winclip-nb benchmark``: run each k-shot, print the tables and where the files are."""
+    configs = configs_from_args(args)
+    runs = []
+    for cfg in configs:
+        results = run_benchmark(cfg, progress=not getattr(args, "no_progress", False))
+        runs.append(results)
+        print()
+        print(format_table(results))
+        out = Path(cfg.out)
+        print(f"\nwritten: {out / RESULTS_JSON}, {out / RESULTS_CSV}", file=sys.stdout)
+    if len(runs) > 1:
+        print()
+        print(format_summary(runs))
+        if runs[0]["config"].get("random_weights"):
+            print(RANDOM_WEIGHTS_BANNER)
     return 0
 
 
@@ -1459,7 +1566,9 @@ __all__ = [
     "add_benchmark_arguments",
     "build_results",
     "config_fingerprint",
+    "configs_from_args",
     "evaluate_class",
+    "format_summary",
     "format_table",
     "merge_results",
     "run_benchmark",

@@ -1,0 +1,334 @@
+"""The windows method (WinCLIP / WinCLIP+): pure functions against hand-computed tensors,
+the encoder against a sequence run by hand, and parity with anomalib 2.7's WinClipModel
+on the same random-init weights.
+
+Parity needs the ``[parity]`` extra (``anomalib==2.7.0``). Without it the parity tests
+skip, unless ``WINCLIP_NB_REQUIRE_PARITY=1`` (set by ``make test``) turns that into a
+failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from winclip_nb import windows as win
+from winclip_nb.anchors import WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, build_prompts
+from winclip_nb.config import WinCLIPConfig
+from winclip_nb.data import list_images
+from winclip_nb.errors import ConfigError, MemoryBankError
+from winclip_nb.parity import load_anomalib_winclip
+
+#: fp32 tolerance of the parity checks (the issue's bar).
+PARITY_ATOL = 1e-4
+#: A change of method must move the maps by clearly more than the tolerance.
+MUTATION_MIN_DIFF = 1e-3
+
+
+# ======================================================================================
+# Pure functions
+# ======================================================================================
+def test_window_indices_3x3_scale_2() -> None:
+    expected = torch.tensor([[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]])
+    assert torch.equal(win.window_indices((3, 3), 2), expected)
+
+
+def test_window_indices_counts_and_bounds() -> None:
+    assert win.window_indices((15, 15), 2).shape == (196, 4)
+    assert win.window_indices((15, 15), 3).shape == (169, 9)
+    assert win.window_indices((2, 4), 2, stride=2).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    with pytest.raises(ConfigError, match="between 1 and 3"):
+        win.window_indices((3, 5), 4)
+
+
+def test_window_coverage_counts() -> None:
+    cover = win.window_coverage(win.window_indices((3, 3), 2), 9)
+    # corners are in one window, edge middles in two, the centre in all four
+    assert cover.sum(dim=1).tolist() == [1, 2, 1, 2, 4, 2, 1, 2, 1]
+
+
+def test_harmonic_aggregation_by_hand() -> None:
+    cover = win.window_coverage(win.window_indices((3, 3), 2), 9)
+    scores = torch.tensor([[1.0, 0.5, 0.25, 0.2]])
+    out = win.harmonic_aggregation(scores, cover)
+    # patch 1 (top middle) lies in windows 0 and 1: 2 / (1 + 2) ; centre: 4 / (1+2+4+5)
+    expected = torch.tensor([[1.0, 2 / 3, 0.5, 2 / 5, 4 / 12, 2 / 7, 0.25, 2 / 9, 0.2]])
+    assert torch.allclose(out, expected)
+    # a zero window score zeroes exactly the patches it covers, never NaN
+    zeroed = win.harmonic_aggregation(torch.tensor([[0.0, 0.5, 0.25, 0.2]]), cover)
+    assert torch.isfinite(zeroed).all()
+    assert zeroed[0, 0] == 0 and zeroed[0, 4] == 0 and zeroed[0, 2] == pytest.approx(0.5)
+
+
+def test_harmonic_mean_and_class_scores_by_hand() -> None:
+    assert torch.allclose(win.harmonic_mean(torch.tensor([[1.0], [0.25]])), torch.tensor([0.4]))
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # cos to (normal, anomalous) = (0, 1): softmax([0, 1/0.5])[1] = 1 / (1 + e^-2)
+    p = win.class_scores(torch.tensor([[0.0, 3.0]]), text, temperature=0.5)
+    assert p.item() == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
+
+
+def test_visual_association_with_and_without_groups() -> None:
+    e = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-1.0, 0.0]]])  # B=2, Q=2
+    refs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = win.visual_association_score(e, refs, chunk_size=3)  # chunks cross the batch
+    half = float((1 - np.sqrt(0.5)) / 2)
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0], [half, 0.5]]), atol=1e-6)
+    # reference 0 belongs to image 0 and reference 1 to image 1: each must use the other
+    # (image 1's query (-1, 0) is then opposite to its only reference: (1 - (-1)) / 2 = 1)
+    grouped = win.visual_association_score(e, refs, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    assert torch.allclose(grouped, torch.tensor([[0.5, 0.0], [half, 1.0]]), atol=1e-6)
+
+
+def test_combine_scores() -> None:
+    zero = torch.full((1, 2, 2), 0.4)
+    few = torch.tensor([[[0.0, 0.2], [0.1, 0.6]]])
+    grid, score = win.combine_scores(zero, torch.tensor([0.3]), few)
+    assert torch.allclose(grid, (zero + few) / 2)
+    assert score.item() == pytest.approx(0.45)
+    same, s = win.combine_scores(zero, torch.tensor([0.3]), None)
+    assert same is zero and s.item() == pytest.approx(0.3)
+
+
+def test_winclip_prompt_ensemble_sizes() -> None:
+    normal, anomalous = build_prompts(
+        "screw", win_states(), WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES
+    )
+    assert len(WINCLIP_TEMPLATES) == 21 and len(normal) == 7 * 21 and len(anomalous) == 4 * 21
+    assert "a cropped photo of the damaged screw." in anomalous
+
+
+def win_states() -> tuple[str, ...]:
+    from winclip_nb.anchors import WINCLIP_NORMAL_STATES
+
+    return WINCLIP_NORMAL_STATES
+
+
+def test_config_for_windows_and_errors() -> None:
+    cfg = WinCLIPConfig.for_method("windows")
+    assert (cfg.model_name, cfg.pretrained, cfg.image_size) == (
+        "ViT-B-16-plus-240",
+        "laion400m_e31",
+        240,
+    )
+    with pytest.raises(ConfigError, match="method must be one of"):
+        WinCLIPConfig(method="patches").validate()
+    with pytest.raises(ConfigError, match="window_scales"):
+        WinCLIPConfig(window_scales=(2, 2)).validate()
+
+
+# ======================================================================================
+# Encoder and detector (small input: 112 px -> 7 x 7 grid)
+# ======================================================================================
+@pytest.fixture(scope="module")
+def small_windows():
+    from winclip_nb import WinCLIP
+
+    return WinCLIP(device="cpu", pretrained="random", method="windows", image_size=112)
+
+
+def test_encoder_matches_one_window_run_by_hand(small_windows) -> None:
+    encoder = small_windows.windows
+    visual = encoder.visual
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    pixels = small_windows.backbone.to_pixels(images)
+    with torch.inference_mode():
+        emb = encoder(pixels)
+        # image 1, scale 3, window 5 (top-left patch (0, 5)), as one sequence of its own
+        tokens = encoder.embed(pixels[1:2])
+        idx = win.window_indices(encoder.grid_size, 3)[5]
+        seq = torch.cat([tokens[:, :1], tokens[:, 1:][:, idx]], dim=1)
+        out = visual.ln_post(visual.transformer(visual.ln_pre(seq)))
+        by_hand = out[0, 0] @ visual.proj
+        whole = visual(pixels)  # open_clip's own forward: the image embedding
+    assert [w.shape for w in emb.windows] == [(2, 36, 640), (2, 25, 640)]
+    assert emb.patches.shape == (2, 49, 896)
+    assert torch.allclose(emb.windows[1][1, 5], by_hand, atol=1e-5)
+    assert torch.allclose(emb.image, whole, atol=1e-5)
+    # windows differ from each other (a batch-layout slip makes them all equal)
+    assert emb.windows[0][0].std(dim=0).mean() > 1e-3
+
+
+def test_windows_detect_memory_and_bank_file(small_windows, synthetic_root, tmp_path) -> None:
+    wc = small_windows
+    normal, anomalous = wc.build_text_anchors("disc")
+    train = list_images(synthetic_root / "disc" / "train" / "good")[:3]
+    test_images = [wc.prepare(p)[0] for p in train[:1]] + [
+        wc.prepare(p)[0] for p in list_images(synthetic_root / "disc" / "test" / "hole")[:1]
+    ]
+    wc.memory = None
+    with pytest.warns(UserWarning, match="per_image"):
+        zero = wc.detect_resized(np.stack(test_images), normal, anomalous)
+    assert zero["nn_map"] is None and zero["normalization"] == "per_image"
+    assert torch.equal(zero["score"], zero["raw_score"])
+    memory = wc.build_normal_memory(train, normal, anomalous, progress=False)
+    assert memory.size == 3 * 49 and memory.train_maps.shape == (3, 7, 7)
+    few = wc.detect_resized(np.stack(test_images), normal, anomalous)
+    assert few["normalization"] == "calibrated"
+    # the first test image is a reference itself: its few-shot patch distances are ~0
+    assert few["nn_map"][0].max() < 1e-4 < few["nn_map"][1].max()
+    assert few["raw_map"].shape == (2, 112, 112) and torch.isfinite(few["anomaly_map"]).all()
+    path = wc.save_memory(tmp_path / "windows.safetensors")
+    wc.memory = None
+    wc.load_memory(path)
+    again = wc.detect_resized(np.stack(test_images), normal, anomalous)
+    assert torch.equal(again["raw_map"], few["raw_map"])
+    result = wc.detect(train[0], normal, anomalous)
+    assert result.extras["method"] == "windows" and "raw_score" in result.extras
+
+
+def test_windows_refuses_token_memory_and_other_scales(small_windows, random_winclip, tmp_path,
+                                                      synthetic_root) -> None:  # fmt: skip
+    wc = small_windows
+    train = list_images(synthetic_root / "disc" / "train" / "good")[:1]
+    n, a = random_winclip.build_text_anchors("disc")
+    token_bank = random_winclip.build_normal_memory(train, n, a, progress=False)
+    path = token_bank.save(tmp_path / "tokens.safetensors")
+    with pytest.raises(
+        MemoryBankError, match="built with method='tokens', but this model uses method='windows'"
+    ):
+        wc.load_memory(path)
+    wc.memory = token_bank
+    normal, anomalous = wc.build_text_anchors("disc")
+    with pytest.raises(MemoryBankError, match="method='tokens'"):
+        wc.detect_resized(np.stack([wc.prepare(train[0])[0]]), normal, anomalous)
+    random_winclip.memory = None
+    wc.memory = None
+
+
+# ======================================================================================
+# Parity with anomalib 2.7 (ViT-B-16-plus-240, 240 px, random weights)
+# ======================================================================================
+def _import_anomalib():
+    try:
+        from anomalib.models.image.winclip import torch_model
+    except ImportError as exc:
+        if os.environ.get("WINCLIP_NB_REQUIRE_PARITY") == "1":
+            pytest.fail(f"anomalib (the [parity] extra) is required here but missing: {exc}")
+        pytest.skip("parity needs the [parity] extra: pip install -e '.[parity]'")
+    return torch_model
+
+
+@pytest.fixture(scope="module")
+def parity(synthetic_root):
+    """Both models on identical weights, one batch of 2 test images and 1 reference."""
+    torch_model = _import_anomalib()
+    from winclip_nb import WinCLIP
+
+    ours = WinCLIP(device="cpu", pretrained="random", method="windows", seed=0)
+    assert ours.config.image_size == 240 and ours.config.model_name == torch_model.BACKBONE
+    theirs = load_anomalib_winclip(ours)  # random init, our state dict, layout adapter
+    state = theirs.clip.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in ours.backbone.model.state_dict().items())
+
+    class_name = "disc"
+    paths = [
+        list_images(synthetic_root / class_name / "test" / "good")[0],
+        list_images(synthetic_root / class_name / "test" / "hole")[0],
+    ]
+    reference = list_images(synthetic_root / class_name / "train" / "good")[0]
+    images = np.stack([ours.prepare(p)[0] for p in paths])  # (2, 240, 240, 3) uint8
+    ref_image = ours.prepare(reference)[0]
+    pixels = ours.backbone.to_pixels(images)
+    ref_pixels = ours.backbone.to_pixels(ref_image[None])
+
+    normal, anomalous = ours.build_text_anchors(class_name)
+    theirs.setup(class_name)
+    ours.memory = None
+    with pytest.warns(UserWarning):
+        zero_ours = ours.detect_resized(images, normal, anomalous)
+    zero_theirs = theirs(pixels)
+    ours.build_normal_memory([ref_image], normal, anomalous, progress=False)
+    one_ours = ours.detect_resized(images, normal, anomalous, normalization="per_image")
+    theirs.setup(reference_images=ref_pixels)
+    one_theirs = theirs(pixels)
+    with torch.inference_mode():
+        embeddings = ours.extract_windows(list(images))
+    return {
+        "ours": ours,
+        "theirs": theirs,
+        "anchors": (normal, anomalous),
+        "class_name": class_name,
+        "embeddings": embeddings,
+        "pixels": pixels,
+        "zero": (zero_ours, zero_theirs),
+        "one": (one_ours, one_theirs),
+    }
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+@pytest.mark.parametrize("shots", ["zero", "one"])
+def test_parity_with_anomalib(parity, shots, record_property) -> None:
+    ours, theirs = parity[shots]
+    map_diff = _max_diff(ours["raw_map"], theirs.anomaly_map)
+    score_diff = _max_diff(ours["raw_score"], theirs.pred_score)
+    record_property(f"{shots}_shot_max_map_diff", map_diff)
+    record_property(f"{shots}_shot_max_score_diff", score_diff)
+    print(
+        f"\n{shots}-shot parity: max |map diff| {map_diff:.2e}, max |score diff| {score_diff:.2e}"
+    )
+    assert ours["raw_map"].shape == theirs.anomaly_map.shape == (2, 240, 240)
+    assert map_diff <= PARITY_ATOL and score_diff <= PARITY_ATOL
+    # a meaningful comparison: the maps are not flat
+    assert float(theirs.anomaly_map.std()) > 10 * PARITY_ATOL
+
+
+def _zero_shot_with(parity, *, scales=None, text=None) -> torch.Tensor:
+    """Our zero-shot map from the cached embeddings, with one ingredient changed."""
+    ours = parity["ours"]
+    emb, coverages = parity["embeddings"], ours.windows.coverages
+    if scales is not None:
+        keep = [ours.windows.scales.index(s) for s in scales]
+        emb = win.WindowEmbeddings(emb.image, emb.patches, [emb.windows[i] for i in keep])
+        coverages = [coverages[i] for i in keep]
+    if text is None:
+        text = torch.stack(parity["anchors"])
+    grid, _ = win.zero_shot_scores(emb, text, coverages, ours.grid_size)
+    return F.interpolate(grid[:, None], size=(240, 240), mode="bilinear", align_corners=False)[:, 0]
+
+
+def test_parity_detects_changed_scale_mean_or_prompts(parity, monkeypatch) -> None:
+    reference = parity["zero"][1].anomaly_map
+    unchanged = _zero_shot_with(parity)
+    assert _max_diff(unchanged, reference) <= PARITY_ATOL
+
+    assert _max_diff(_zero_shot_with(parity, scales=(2,)), reference) > MUTATION_MIN_DIFF
+
+    def arithmetic(window_scores, coverage):
+        cover = coverage.to(window_scores.dtype)
+        return (window_scores @ cover.T) / cover.sum(dim=1)
+
+    monkeypatch.setattr(win, "harmonic_aggregation", arithmetic)
+    assert _max_diff(_zero_shot_with(parity), reference) > MUTATION_MIN_DIFF
+    monkeypatch.undo()
+
+    ours = parity["ours"]
+    from winclip_nb.anchors import WINCLIP_NORMAL_STATES, average_anchor
+
+    normal, anomalous = build_prompts(
+        parity["class_name"], WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES[1:], WINCLIP_TEMPLATES
+    )
+    emb_n = ours.backbone.encode_text(normal, normalize=False)
+    emb_a = ours.backbone.encode_text(anomalous, normalize=False)
+    text = torch.stack([average_anchor(emb_n), average_anchor(emb_a)])
+    assert _max_diff(_zero_shot_with(parity, text=text), reference) > MUTATION_MIN_DIFF
+
+
+def test_anomalib_without_adapter_collapses_windows(parity) -> None:
+    """Why the adapter exists: with open_clip 3.x, anomalib 2.7's own window pass gives
+    every window the same embedding (attention runs across windows, not within one)."""
+    theirs, ours = parity["theirs"], parity["ours"]
+    with torch.inference_mode():
+        tokens = ours.windows.embed(parity["pixels"][:1])
+        collapsed = type(theirs)._get_window_embeddings(theirs, tokens, theirs.masks[0])
+        fixed = theirs._get_window_embeddings(tokens, theirs.masks[0])
+    assert float(collapsed[0].std(dim=0).max()) < 1e-5
+    assert float(fixed[0].std(dim=0).mean()) > 1e-3
