@@ -332,3 +332,56 @@ def test_anomalib_without_adapter_collapses_windows(parity) -> None:
         fixed = theirs._get_window_embeddings(tokens, theirs.masks[0])
     assert float(collapsed[0].std(dim=0).max()) < 1e-5
     assert float(fixed[0].std(dim=0).mean()) > 1e-3
+
+
+# ======================================================================================
+# Benchmark and CLI
+# ======================================================================================
+def test_benchmark_windows_zero_and_one_shot_from_the_cli(synthetic_root, tmp_path, capsys) -> None:
+    """``winclip-nb benchmark --method windows --k-shot 0 1``: one run per k, each into
+    its own folder, WinCLIP's raw map and score scored, then a summary table."""
+    import json
+
+    from winclip_nb import cli
+
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--method", "windows", "--k-shot", "0", "1", "--weights", "random",
+            "--data-root", str(synthetic_root), "--classes", "disc", "--image-size", "64",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "method: windows" in printed and "MEAN over classes, per run:" in printed
+    zero = json.loads((out / "zero-shot" / "results.json").read_text())
+    one = json.loads((out / "1-shot" / "results.json").read_text())
+    for results, k in ((zero, 0), (one, 1)):
+        cfg = results["config"]
+        assert (cfg["method"], cfg["k_shot"], cfg["model_name"]) == (
+            "windows",
+            k,
+            "ViT-B-16-plus-240",
+        )
+        assert cfg["scored_maps"].startswith("raw_map") and cfg["coreset_ratio"] is None
+        assert cfg["random_weights"] is True
+        assert results["classes"]["disc"]["pixel_auroc"] is not None
+    assert zero["classes"]["disc"]["memory_patches"] is None
+    assert one["classes"]["disc"]["memory_patches"] == 16  # one reference, 4 x 4 patches
+    # the two runs differ (the few-shot branch is used)
+    assert zero["mean"] != one["mean"]
+
+
+def test_benchmark_config_method_defaults_and_errors() -> None:
+    from winclip_nb.benchmark import BenchmarkConfig, default_weights
+
+    tokens = BenchmarkConfig().validate()
+    windows = BenchmarkConfig(method="windows", k_shot=1).validate()
+    assert (tokens.model_name, tokens.image_size) == ("ViT-B-16", 224)
+    assert (windows.model_name, windows.image_size) == ("ViT-B-16-plus-240", 240)
+    assert default_weights(tokens) == "openai" and default_weights(windows) == "laion400m_e31"
+    assert windows.effective_normalization == "per_image"
+    assert BenchmarkConfig(method="windows", k_shot=4).validate().effective_normalization == (
+        "calibrated"
+    )
+    with pytest.raises(ConfigError, match="needs k_shot >= 2"):
+        BenchmarkConfig(method="windows", k_shot=1, normalization="calibrated").validate()
+    with pytest.raises(ConfigError, match="method must be one of"):
+        BenchmarkConfig(method="window").validate()
