@@ -21,12 +21,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## make test: unit tests and the executed notebooks (nbval), offline
+## make test: unit tests, the executed notebooks (nbval) and the browser test, offline
+## (-rs lists skipped tests with their reason, e.g. the browser test without chromium)
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rs
 
 unit-test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider
+	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider -rs
 
 nbval: $(STAMP)
 	$(REFERENCE_ENV) $(PY) -m pytest notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
