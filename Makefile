@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Reference mode: offline, random weights, synthetic data, CPU (see winclip_nb/notebooks.py).
-REFERENCE_ENV := WINCLIP_NB_REFERENCE=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES=
+# MKL_CBWR, ONEDNN_MAX_CPU_ISA: the same CPU kernels on every machine (notebooks.REFERENCE_CPU_KERNELS).
+REFERENCE_ENV := WINCLIP_NB_REFERENCE=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES= MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2
 # The anomalib parity tests fail (instead of skipping) when the [parity] extra is missing.
 TEST_ENV := $(REFERENCE_ENV) WINCLIP_NB_REQUIRE_PARITY=1
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from winclip_nb.data import make_synthetic_mvtec
+# Before torch runs a kernel: the same MKL / oneDNN kernels on every machine, as in the
+# notebooks' reference mode (winclip_nb.notebooks.REFERENCE_CPU_KERNELS).
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from winclip_nb.data import make_synthetic_mvtec  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -229,6 +229,8 @@ def test_setup_reference_mode_overrides(
 
     monkeypatch.setenv(nbmod.REFERENCE_ENV_VAR, "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in nbmod.REFERENCE_CPU_KERNELS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(data, "default_synthetic_root", lambda: synthetic_root)
     monkeypatch.setattr(data, "make_synthetic_mvtec", lambda root: Path(root))
     threads = torch.get_num_threads()
@@ -243,6 +245,7 @@ def test_setup_reference_mode_overrides(
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert {k: os.environ[k] for k in nbmod.REFERENCE_CPU_KERNELS} == nbmod.REFERENCE_CPU_KERNELS
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "REFERENCE MODE" in printed[0] and "seed 3" in printed[0]
 

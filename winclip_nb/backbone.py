@@ -95,18 +95,39 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def hub_weight_files(hf_hub: str) -> tuple[str, tuple[str, ...]]:
+    """Repo id and checkpoint file names, in open_clip's order, of a tag's ``hf_hub`` entry.
+
+    ``"org/name/"`` means open_clip's default file (its safetensors version first);
+    ``"org/name/file.bin"`` names the file (``file.safetensors`` is tried first).
+
+    Example:
+        >>> hub_weight_files("org/name/pytorch_model.bin")
+        ('org/name', ('pytorch_model.safetensors', 'pytorch_model.bin'))
+    """
+    repo_id, filename = os.path.split(hf_hub.strip())
+    repo_id = repo_id.strip("/")
+    if not repo_id:
+        return "", ()
+    if not filename or filename == _HF_WEIGHT_FILES[1]:
+        return repo_id, _HF_WEIGHT_FILES
+    if filename.endswith((".bin", ".pth")):
+        return repo_id, (filename[:-4] + ".safetensors", filename)
+    return repo_id, (filename,)
+
+
 def cached_tag_file(model_name: str, tag: str) -> str | None:
     """Path of an already-downloaded checkpoint for ``(model_name, tag)``, if any."""
     import open_clip
 
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    hub_id = (cfg.get("hf_hub") or "").strip("/")
+    hub_id, filenames = hub_weight_files(cfg.get("hf_hub") or "")
     if hub_id:
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:  # pragma: no cover - huggingface_hub ships with open_clip
             return None
-        for filename in _HF_WEIGHT_FILES:
+        for filename in filenames:
             found = try_to_load_from_cache(hub_id, filename)
             if isinstance(found, str) and os.path.isfile(found):
                 return found

@@ -210,13 +210,14 @@ def _prefetch_clip(model_name: str, weights: str) -> None:
 
     resolved = resolve_weights(model_name, weights)
     if resolved.random:
-        print("CLIP: random init requested, nothing to download")
+        print(f"CLIP: random init requested, nothing to download ({resolved.label})")
         return
-    load_open_clip(model_name, weights, "cpu")
-    if resolved.source and os.path.isfile(resolved.source):
-        where = resolved.source
-    else:
-        where = cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
+    was_cached = bool(resolved.source and os.path.isfile(resolved.source))
+    load_open_clip(model_name, weights, "cpu")  # checks the file (or downloads it)
+    if was_cached:
+        print(f"CLIP {model_name}/{resolved.label}: already cached at {resolved.source}")
+        return
+    where = cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
     print(f"CLIP {model_name}/{resolved.label}: cached at {where}")
 
 

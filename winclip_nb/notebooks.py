@@ -43,6 +43,12 @@ REFERENCE_ENV_VAR = "WINCLIP_NB_REFERENCE"
 HEADLESS_ENV_VAR = "WINCLIP_NB_HEADLESS"
 #: Torch threads in reference mode (same reduction order on every machine).
 REFERENCE_THREADS = 2
+#: CPU kernel paths fixed in reference mode (environment variables, read when MKL and
+#: oneDNN run their first kernel): MKL's reproducibility branch and oneDNN's instruction
+#: set. Without them each library picks kernels for the CPU at hand (AVX-512, AVX2, ...),
+#: and those round differently, so stored outputs made on one machine differ from a
+#: rerun on another in the last digits. An AVX2 CPU runs the same kernels either way.
+REFERENCE_CPU_KERNELS = {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 #: JPEG quality of inline figures in reference mode (committed notebooks).
 INLINE_JPEG_QUALITY = 85
 #: Class used when ``class_name`` is not given.
@@ -145,6 +151,8 @@ def setup(
     reference = reference_mode()
     if reference:
         os.environ["HF_HUB_OFFLINE"] = "1"
+        for name, value in REFERENCE_CPU_KERNELS.items():
+            os.environ.setdefault(name, value)
         weights, device, data_root = "random", "cpu", None
         threads = REFERENCE_THREADS
         compact_inline_figures()
@@ -405,7 +413,7 @@ def run_notebooks(
         out_dir.mkdir(parents=True, exist_ok=True)
     env_changes = {HEADLESS_ENV_VAR: "1"}
     if reference:
-        env_changes |= {REFERENCE_ENV_VAR: "1", "HF_HUB_OFFLINE": "1"}
+        env_changes |= {REFERENCE_ENV_VAR: "1", "HF_HUB_OFFLINE": "1", **REFERENCE_CPU_KERNELS}
     timings: list[tuple[Path, float]] = []
     with _environ(env_changes), tempfile.TemporaryDirectory(prefix="winclip_nb_run_") as tmp:
         for path in paths:
