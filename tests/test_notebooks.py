@@ -39,6 +39,7 @@ EXPECTED = [
     "04_fusion_foreground_mad.ipynb",
     "05_llava_explanations.ipynb",
     "06_mvtec_benchmark.ipynb",
+    "07_winclip_windows.ipynb",
 ]
 REGENERATE = "regenerate with `make notebooks`"
 NBVAL_MARKERS = {
