@@ -318,8 +318,10 @@ def _errors(cells: list[dict]) -> list[str]:
     for i, cell in enumerate(cells):
         for output in cell["outputs"]:
             if output.get("output_type") == "error":
-                found.append(f"code cell {i} ({cell['source']!r}): {output.get('ename')}: "
-                             f"{output.get('evalue')}")
+                found.append(
+                    f"code cell {i} ({cell['source']!r}): {output.get('ename')}: "
+                    f"{output.get('evalue')}"
+                )
     return found
 
 
@@ -416,8 +418,9 @@ def test_fusion_explorer_is_live_in_jupyterlab(page, lab, screenshot_dir):
     assert box and track_box
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.down()
-    page.mouse.move(track_box["x"] + 0.9 * track_box["width"], box["y"] + box["height"] / 2,
-                    steps=10)
+    page.mouse.move(
+        track_box["x"] + 0.9 * track_box["width"], box["y"] + box["height"] / 2, steps=10
+    )
     page.mouse.up()
     after_slider = _wait_redraw(page, first, "moving the sigma slider")
     assert readout.inner_text().strip() != sigma_before

@@ -131,6 +131,18 @@ def small_windows():
     return WinCLIP(device="cpu", pretrained="random", method="windows", image_size=112)
 
 
+def test_windows_model_at_another_size_builds_that_grid() -> None:
+    """224 px is ViT-B-16's own size but not ViT-B-16-plus-240's: the model must be
+    rebuilt for it (a 14 x 14 grid), not left at 240 px with images resized to 224."""
+    from winclip_nb.backbone import load_open_clip, native_image_size
+
+    assert native_image_size("ViT-B-16-plus-240") == 240
+    model, _, _ = load_open_clip("ViT-B-16-plus-240", "random", image_size=224)
+    assert tuple(model.visual.grid_size) == (14, 14)
+    model, _, _ = load_open_clip("ViT-B-16", "random", image_size=224)
+    assert tuple(model.visual.grid_size) == (14, 14)
+
+
 def test_encoder_matches_one_window_run_by_hand(small_windows) -> None:
     encoder = small_windows.windows
     visual = encoder.visual
@@ -281,45 +293,77 @@ def test_parity_with_anomalib(parity, shots, record_property) -> None:
     assert float(theirs.anomaly_map.std()) > 10 * PARITY_ATOL
 
 
-def _zero_shot_with(parity, *, scales=None, text=None) -> torch.Tensor:
-    """Our zero-shot map from the cached embeddings, with one ingredient changed."""
+def _informative_text(parity) -> torch.Tensor:
+    """Two window embeddings of the defective test image as (normal, anomalous) anchors.
+
+    With random weights the real prompt anchors give window probabilities that are all
+    close to 0.5, where a harmonic and an arithmetic mean differ by less than the
+    tolerance. Anchors taken from the image's own windows spread the probabilities
+    over (0, 1), so a change of aggregation shows."""
+    windows = parity["embeddings"].windows[0][1]  # (n_windows, D) of the 'hole' image
+    return torch.stack([windows[0], windows[len(windows) // 2 + 3]])
+
+
+def _zero_shot_ours(parity, text: torch.Tensor, scales=None) -> torch.Tensor:
+    """Our zero-shot grid map from the cached embeddings, optionally with fewer scales."""
     ours = parity["ours"]
     emb, coverages = parity["embeddings"], ours.windows.coverages
     if scales is not None:
         keep = [ours.windows.scales.index(s) for s in scales]
         emb = win.WindowEmbeddings(emb.image, emb.patches, [emb.windows[i] for i in keep])
         coverages = [coverages[i] for i in keep]
-    if text is None:
-        text = torch.stack(parity["anchors"])
-    grid, _ = win.zero_shot_scores(emb, text, coverages, ours.grid_size)
-    return F.interpolate(grid[:, None], size=(240, 240), mode="bilinear", align_corners=False)[:, 0]
+    return win.zero_shot_scores(emb, text, coverages, ours.grid_size)[0]
 
 
-def test_parity_detects_changed_scale_mean_or_prompts(parity, monkeypatch) -> None:
-    reference = parity["zero"][1].anomaly_map
-    unchanged = _zero_shot_with(parity)
-    assert _max_diff(unchanged, reference) <= PARITY_ATOL
+def _zero_shot_theirs(parity, text: torch.Tensor) -> torch.Tensor:
+    """anomalib's own zero-shot aggregation of the same embeddings and anchors."""
+    from anomalib.models.image.winclip.utils import class_scores
 
-    assert _max_diff(_zero_shot_with(parity, scales=(2,)), reference) > MUTATION_MIN_DIFF
+    theirs, emb = parity["theirs"], parity["embeddings"]
+    image_scores = class_scores(emb.image, text, theirs.temperature, target_class=1)
+    saved = theirs._text_embeddings  # the window scores read the model's own anchors
+    theirs._text_embeddings = text
+    try:
+        with torch.inference_mode():
+            return theirs._compute_zero_shot_scores(image_scores, emb.windows)
+    finally:
+        theirs._text_embeddings = saved
+
+
+def test_parity_detects_a_changed_scale_or_mean(parity, monkeypatch) -> None:
+    text = _informative_text(parity)
+    reference = _zero_shot_theirs(parity, text)
+    assert float(reference.std()) > 0.05  # spread, unlike with the random-weight prompts
+    assert _max_diff(_zero_shot_ours(parity, text), reference) <= PARITY_ATOL
+
+    assert _max_diff(_zero_shot_ours(parity, text, scales=(2,)), reference) > MUTATION_MIN_DIFF
 
     def arithmetic(window_scores, coverage):
         cover = coverage.to(window_scores.dtype)
         return (window_scores @ cover.T) / cover.sum(dim=1)
 
     monkeypatch.setattr(win, "harmonic_aggregation", arithmetic)
-    assert _max_diff(_zero_shot_with(parity), reference) > MUTATION_MIN_DIFF
-    monkeypatch.undo()
+    assert _max_diff(_zero_shot_ours(parity, text), reference) > MUTATION_MIN_DIFF
 
-    ours = parity["ours"]
+
+def test_parity_of_the_prompt_ensemble_and_a_changed_list(parity) -> None:
+    """The anchors equal anomalib's (normalised) text embeddings; one state less does not."""
     from winclip_nb.anchors import WINCLIP_NORMAL_STATES, average_anchor
 
+    theirs = F.normalize(parity["theirs"].text_embeddings.float(), dim=-1)
+    ours = torch.stack(parity["anchors"])
+    assert _max_diff(ours, theirs) <= PARITY_ATOL
     normal, anomalous = build_prompts(
         parity["class_name"], WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES[1:], WINCLIP_TEMPLATES
     )
-    emb_n = ours.backbone.encode_text(normal, normalize=False)
-    emb_a = ours.backbone.encode_text(anomalous, normalize=False)
-    text = torch.stack([average_anchor(emb_n), average_anchor(emb_a)])
-    assert _max_diff(_zero_shot_with(parity, text=text), reference) > MUTATION_MIN_DIFF
+    backbone = parity["ours"].backbone
+    changed = torch.stack(
+        [
+            average_anchor(backbone.encode_text(normal, normalize=False)),
+            average_anchor(backbone.encode_text(anomalous, normalize=False)),
+        ]
+    )
+    assert _max_diff(changed, theirs) > MUTATION_MIN_DIFF
 
 
 def test_anomalib_without_adapter_collapses_windows(parity) -> None:

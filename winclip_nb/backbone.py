@@ -197,6 +197,20 @@ def resolve_weights(model_name: str, pretrained: str | os.PathLike | None) -> Re
     return ResolvedWeights(label=text, source=text, random=False, quick_gelu=quick_gelu)
 
 
+def native_image_size(model_name: str) -> int | None:
+    """The input side ``model_name`` is built for (open_clip's model config), if known.
+
+    >>> native_image_size("ViT-B-16"), native_image_size("ViT-B-16-plus-240")
+    (224, 240)
+    """
+    import open_clip
+
+    size = ((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get(
+        "image_size"
+    )
+    return int(size) if isinstance(size, int) else None
+
+
 def load_open_clip(
     model_name: str = DEFAULT_MODEL_NAME,
     pretrained: str | os.PathLike | None = DEFAULT_PRETRAINED,
@@ -213,7 +227,7 @@ def load_open_clip(
 
     weights = resolve_weights(model_name, pretrained)
     kwargs: dict = {"force_quick_gelu": weights.quick_gelu}
-    if image_size != DEFAULT_IMAGE_SIZE:
+    if image_size != native_image_size(model_name):
         kwargs["force_image_size"] = image_size
     root_logger = logging.getLogger()
     old_level = root_logger.level
