@@ -30,6 +30,7 @@ Example (offline, random weights, synthetic data):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -37,9 +38,12 @@ import io
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +113,8 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 EXAMPLES_DIR = "examples"
 EXPLAIN_DIR = "explain"
+#: Advisory lock file under ``out``: held while class files and results.json are written.
+LOCK_FILE = ".lock"
 MEAN_ROW = "MEAN"
 THROUGHPUT_NOTE = (
     "images_per_s: test images per second at the given batch size, image decoding and "
@@ -787,12 +793,91 @@ def _explain_top(
 # ======================================================================================
 # Result files
 # ======================================================================================
+#: ``.<name>.<host>.<pid>.<token>.tmp``: the temporary files of :func:`_write_atomic`.
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def _host_tag() -> str:
+    """This machine's name as a file-name part (no dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it."""
+    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it.
+
+    The temporary name carries the host, the process id and a random token, so
+    concurrent writers (shards in other processes or on other machines sharing the
+    folder, threads of one process) never write into the same temporary file. A failed
+    write removes its temporary file; one left by a killed process is removed by the
+    next run (:func:`_remove_stale_temps`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    token = uuid.uuid4().hex[:12]
+    tmp = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{token}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only if no process ``pid`` exists on this machine (POSIX)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> list[Path]:
+    """Remove temporary files that a killed run on this machine left under ``out``.
+
+    Only files named by :func:`_write_atomic` with this host and the id of a process
+    that no longer exists; those of running processes and other machines stay. POSIX
+    only (elsewhere, leftovers are ignored: they never match ``*.json``).
+    """
+    if os.name != "posix":
+        return []
+    host, removed = _host_tag(), []
+    for folder in (out, out / CLASS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            match = _TEMP_NAME.match(path.name)
+            if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out`` (``fcntl.flock`` on ``out/.lock``).
+
+    Runs writing into the same ``out`` (shards) take it around "write a class file and
+    rebuild results.json from the class files on disk" and around the check of the
+    folder, so no run rebuilds the table from a listing that another run has made stale
+    in between. Blocks until the lock is free; not re-entrant (never nest it). Creates
+    ``out``. Where ``fcntl`` does not exist (Windows) it does not lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(out / LOCK_FILE, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _to_json(obj: Any) -> str:
@@ -904,6 +989,28 @@ def _finished_classes(out: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
     return {
         c["class"]: c["result"] for _, c in _class_files(out) if c["fingerprint"] == fingerprint
     }
+
+
+def _rebuild_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """results.json / results.csv from every class file of these settings on disk.
+
+    The caller holds :func:`_out_lock`. ``config["classes"]`` becomes this run's classes
+    plus every finished one (shards writing into one ``out`` each add theirs).
+    """
+    finished = _finished_classes(out, config_fingerprint(config))
+    names = list(dict.fromkeys([*config.get("classes", []), *_class_order(finished)]))
+    results = build_results(dict(config, classes=names), finished)
+    write_results(out, results)
+    return results
+
+
+def _record_class(
+    out: Path, name: str, config: dict[str, Any], result: dict[str, Any]
+) -> dict[str, Any]:
+    """Save one finished class and rebuild the result files, under the ``out`` lock."""
+    with _out_lock(out):
+        _write_class_file(out, name, config, result)
+        return _rebuild_results(out, config)
 
 
 def _check_out_dir(out: Path, config: dict[str, Any], force: bool, log: Callable) -> None:
@@ -1061,7 +1168,10 @@ def run_benchmark(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out must be a folder, but {out} is a file")
-    _check_out_dir(out, config, cfg.force, log)
+    if out.exists():
+        with _out_lock(out):
+            _check_out_dir(out, config, cfg.force, log)
+            _remove_stale_temps(out)
     fingerprint = config_fingerprint(config)
     for line in _header_lines(config):
         log(line)
@@ -1127,14 +1237,13 @@ def run_benchmark(
                     out / EXPLAIN_DIR / safe_name(name),
                     explainer,
                 )
-            _write_class_file(out, name, config, result)
-            write_results(out, build_results(config, _finished_classes(out, fingerprint)))
+            _record_class(out, name, config, result)
             log(_class_line(name, result))
     finally:
         if overall is not None:
             overall.close()
-    results = build_results(config, _finished_classes(out, fingerprint))
-    write_results(out, results)
+    with _out_lock(out):
+        results = _rebuild_results(out, config)
     return results
 
 
@@ -1201,11 +1310,12 @@ def merge_results(
         merged_from=[str(d) for d, _ in runs],
     )
     out = Path(out)
-    _check_out_dir(out, config, force=False, log=log)
-    for name, result in classes.items():
-        _write_class_file(out, name, config, result)
-    results = build_results(config, _finished_classes(out, fingerprint))
-    write_results(out, results)
+    with _out_lock(out):
+        _check_out_dir(out, config, force=False, log=log)
+        for name, result in classes.items():
+            _write_class_file(out, name, config, result)
+        results = build_results(config, _finished_classes(out, fingerprint))
+        write_results(out, results)
     return results
 
 
