@@ -76,17 +76,23 @@ from .config import (
 )
 from .data import (
     LABEL_DEFECTIVE,
+    LABEL_UNKNOWN,
     MVTEC_CLASSES,
     SYNTHETIC_MARKER,
     ClassData,
     TestSample,
     default_synthetic_root,
+    default_synthetic_visa_root,
     is_synthetic_root,
     list_mvtec_classes,
+    list_visa_classes,
+    load_folder_dataset,
     load_image,
     load_mask,
     load_mvtec_class,
+    load_visa_class,
     make_synthetic_mvtec,
+    make_synthetic_visa,
     safe_name,
     sample_k_shot,
 )
@@ -104,6 +110,12 @@ DEFAULT_OUT_DIR = "results/benchmark"
 #: k-shot runs keep every patch of their k images.
 FEW_SHOT_CORESET_RATIO = 1.0
 MVTEC_ROOT_ENV = "MVTEC_ROOT"
+VISA_ROOT_ENV = "VISA_ROOT"
+#: ``--dataset``: the layout of ``--data-root`` (see :func:`load_benchmark_classes`).
+DATASETS = ("mvtec", "visa", "folder")
+DEFAULT_DATASET = "mvtec"
+#: Names in printed lines.
+DATASET_TITLES = {"mvtec": "MVTec", "visa": "VisA", "folder": "folder"}
 #: DataLoader workers on CUDA: min(this, CPU count - 1); 0 on CPU.
 MAX_DEFAULT_WORKERS = 4
 MIN_EVAL_SIZE = 8
@@ -180,7 +192,9 @@ class BenchmarkConfig:
     ``classes`` -> every class under the root; ``weights`` -> ``"auto"`` on synthetic
     data, ``"openai"`` on real data; ``coreset_ratio`` -> 1.0 for k-shot, 0.1 for full;
     ``normalization`` -> ``per_image`` zero-shot, ``calibrated`` otherwise;
-    ``workers`` -> min(4, CPUs - 1) on CUDA, 0 on CPU.
+    ``workers`` -> min(4, CPUs - 1) on CUDA, 0 on CPU. ``dataset_format``: the layout of
+    ``data_root``, ``mvtec`` | ``visa`` | ``folder`` (:func:`load_benchmark_classes`); with
+    ``visa``, ``data_root`` None -> ``$VISA_ROOT`` or a synthetic VisA-format set.
     """
 
     data_root: str | None = None
@@ -208,9 +222,16 @@ class BenchmarkConfig:
     llava: bool = False
     llava_model: str | None = None
     skip_bad: bool = False
+    dataset_format: str = DEFAULT_DATASET
 
     def validate(self) -> BenchmarkConfig:
         """A checked copy with ``k_shot``, ``seeds``, ``layers``, ``max_images`` normalised."""
+        if self.dataset_format not in DATASETS:
+            raise ConfigError(f"dataset must be one of {DATASETS}, got {self.dataset_format!r}")
+        if self.dataset_format == "folder" and self.classes is not None and len(self.classes) > 1:
+            raise ConfigError(
+                f"--dataset folder holds one class; --classes names it, got {self.classes}"
+            )
         k_shot = parse_k_shot(self.k_shot)
         seeds = [self.seeds] if isinstance(self.seeds, int) else list(self.seeds)
         if not seeds or any(isinstance(s, bool) or int(s) != s or s < 0 for s in seeds):
@@ -329,6 +350,76 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> tuple[Path, bool]:
     return root, is_synthetic_root(root)
 
 
+def resolve_dataset_root(cfg: BenchmarkConfig) -> tuple[Path, bool]:
+    """(dataset root, synthetic?) for ``cfg.dataset_format``.
+
+    ``mvtec``: :func:`resolve_data_root`. ``visa``: ``data_root``, else ``$VISA_ROOT``,
+    else a generated synthetic VisA-format set. ``folder``: ``data_root`` is required.
+    """
+    if cfg.dataset_format == "visa":
+        data_root = cfg.data_root or os.environ.get(VISA_ROOT_ENV) or None
+        if data_root is None:
+            return make_synthetic_visa(default_synthetic_visa_root()), True
+        return resolve_data_root(data_root)
+    if cfg.dataset_format == "folder" and cfg.data_root is None:
+        raise ConfigError(
+            "--dataset folder needs --data-root DIR: a folder with train/good, test/good, "
+            "test/<defect> and ground_truth/<defect>"
+        )
+    return resolve_data_root(cfg.data_root)
+
+
+def load_folder_class(root: Path, name: str | None = None) -> ClassData:
+    """``--dataset folder``: one class of your own in MVTec's single-class layout.
+
+    ``root/train/good`` normal images; ``root/test/good`` normal and
+    ``root/test/<defect>`` defective test images; ``root/ground_truth/<defect>``
+    their masks (``<stem>_mask.png`` or ``<stem>.png``). ``name`` (default: the
+    folder's name) is the object named in the text prompts. Read by
+    :func:`~winclip_nb.data.load_folder_dataset`; a test image without a label
+    (loose in ``test/``) or a defect image without a mask raises :class:`DataError`.
+    """
+    masks = root / "ground_truth"
+    data = load_folder_dataset(
+        root / "train" / "good",
+        root / "test",
+        masks if masks.is_dir() else None,
+        name=name or root.resolve().name,
+    )
+    unlabelled = [s.path for s in data.test if s.label == LABEL_UNKNOWN]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} test image(s) without a label, e.g. {unlabelled[0]}: put "
+            f"them in {root / 'test' / 'good'} or {root / 'test'}/<defect>"
+        )
+    maskless = [s.path for s in data.test if s.label == LABEL_DEFECTIVE and s.mask_path is None]
+    if maskless:
+        raise DataError(
+            f"no mask for defect image {maskless[0]}: expected "
+            f"{masks / maskless[0].parent.name / (maskless[0].stem + '_mask.png')}"
+        )
+    return data
+
+
+def load_benchmark_classes(cfg: BenchmarkConfig, root: Path) -> dict[str, ClassData]:
+    """Every class of the run, by name, from ``root`` in the layout of ``cfg.dataset_format``."""
+    if cfg.dataset_format == "folder":
+        data = load_folder_class(root, cfg.classes[0] if cfg.classes else None)
+        return {data.name: data}
+    if cfg.dataset_format == "visa":
+        names = cfg.classes or list_visa_classes(root)
+        return {name: load_visa_class(root, name) for name in names}
+    names = cfg.classes or list_mvtec_classes(root)
+    if not names:
+        hint = (
+            f"; {root} looks like VisA (split_csv/1cls.csv): use --dataset visa"
+            if (root / "split_csv" / "1cls.csv").is_file()
+            else ""
+        )
+        raise DataError(f"no classes under {root}: expected <class>/train/good folders{hint}")
+    return {name: load_mvtec_class(root, name) for name in names}
+
+
 def check_layers(model_name: str, layers: Sequence[int]) -> tuple[int, ...]:
     """Layer indices valid for the vision transformer of ``model_name``, checked from
     open_clip's model config without building the model (unknown depth: not checked).
@@ -438,7 +529,9 @@ class TestImageDataset(Dataset):
             image = load_image(sample.path)
             height, width = image.shape[:2]
             if sample.mask_path is not None:
-                mask = load_mask(sample.mask_path, size=(height, width))
+                mask = load_mask(
+                    sample.mask_path, size=(height, width), nonzero=sample.mask_nonzero
+                )
             else:
                 mask = np.zeros((height, width), bool)
             resized = self.resize(image)
@@ -1139,11 +1232,9 @@ def run_benchmark(
     cfg = cfg.validate()
     log: Callable[..., None] = print if verbose else (lambda *a, **k: None)
     device = resolve_device(cfg.device)
-    root, synthetic = resolve_data_root(cfg.data_root)
-    names = cfg.classes or list_mvtec_classes(root)
-    if not names:
-        raise DataError(f"no classes under {root}: expected <class>/train/good folders")
-    class_data = {name: load_mvtec_class(root, name) for name in names}
+    root, synthetic = resolve_dataset_root(cfg)
+    class_data = load_benchmark_classes(cfg, root)
+    names = list(class_data)
     for data in class_data.values():
         memory_images(data, cfg, cfg.seeds[0])  # k larger than the training set fails here
 
@@ -1332,11 +1423,19 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
         lines.append(f"weights: {config.get('weights')}  ** {RANDOM_WEIGHTS_BANNER} **")
     else:
         lines.append(f"weights: {config.get('model_name')} / {config.get('weights')}")
-    if config.get("synthetic"):
+    dataset = config.get("dataset_format") or DEFAULT_DATASET
+    if config.get("synthetic") and dataset == "visa":
+        lines.append(
+            f"data: SYNTHETIC VisA-format set at {config.get('data_root')} "
+            "(not VisA: numbers are a smoke test only)"
+        )
+    elif config.get("synthetic"):
         lines.append(
             f"data: SYNTHETIC MVTec-format set at {config.get('data_root')} "
             "(not MVTec-AD: numbers are a smoke test only)"
         )
+    elif dataset != DEFAULT_DATASET:
+        lines.append(f"data: {config.get('data_root')} ({DATASET_TITLES.get(dataset, dataset)})")
     else:
         lines.append(f"data: {config.get('data_root')}")
     memory = (
@@ -1404,7 +1503,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{skipped} unreadable test image(s) skipped (listed in results.json).")
     if config.get("random_weights"):
         lines.append(RANDOM_WEIGHTS_BANNER)
-    if config.get("synthetic"):
+    if config.get("synthetic") and config.get("dataset_format") == "visa":
+        lines.append("SYNTHETIC data: these numbers say nothing about VisA.")
+    elif config.get("synthetic"):
         lines.append("SYNTHETIC data: these numbers say nothing about MVTec-AD.")
     return "\n".join(lines)
 
@@ -1424,11 +1525,25 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchmarkConfig()
     data = parser.add_argument_group("data")
     data.add_argument(
+        "--dataset",
+        dest="dataset_format",
+        choices=DATASETS,
+        default=DEFAULT_DATASET,
+        help="layout of --data-root (default mvtec). mvtec: <class>/train/good, "
+        "<class>/test/<defect>, <class>/ground_truth/<defect>; visa: split_csv/1cls.csv "
+        f"and its image and mask paths (default root ${VISA_ROOT_ENV}; if unset, a "
+        "synthetic VisA-format set, marked SYNTHETIC); folder: one class of your own, "
+        "DIR/train/good, DIR/test/good, DIR/test/<defect>, DIR/ground_truth/<defect> "
+        "(masks <stem>_mask.png); --classes NAME names its object (default: the "
+        "folder's name)",
+    )
+    data.add_argument(
         "--data-root",
         default=None,
         metavar="DIR",
         help=f"MVTec-AD folder (default ${MVTEC_ROOT_ENV}; if unset, a synthetic "
-        "MVTec-format set is generated and every output says SYNTHETIC)",
+        "MVTec-format set is generated and every output says SYNTHETIC); the VisA "
+        "or own folder with --dataset",
     )
     data.add_argument(
         "--classes", nargs="+", default=None, metavar="NAME", help="default: every class found"
