@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # Before torch runs a kernel: the same MKL / oneDNN kernels on every machine, as in the
 # notebooks' reference mode (winclip_nb.notebooks.REFERENCE_CPU_KERNELS).
@@ -32,3 +33,24 @@ def random_winclip():
     from winclip_nb import WinCLIP
 
     return WinCLIP(device="cpu", pretrained="random")
+
+
+@pytest.fixture(scope="module")
+def reused_models() -> Iterator[dict]:
+    """For one test module, the benchmark builds one model per (weights, seed, image size,
+    layers, device) and reuses it: its text cache then makes every class's anchors a
+    one-time cost. Yields the cache (how many models were built)."""
+    from winclip_nb import benchmark as B
+
+    cache: dict = {}
+    real = B._load_model
+
+    def load(cfg, weights, seed, device):
+        key = (weights, seed, cfg.image_size, tuple(cfg.layers), str(device))
+        if key not in cache:
+            cache[key] = real(cfg, weights, seed, device)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(B, "_load_model", load)
+        yield cache

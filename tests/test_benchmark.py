@@ -61,21 +61,10 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cached_models():
+def cached_models(reused_models):
     """Reuse one model per (weights, seed, image size, layers): its text cache then
     makes every class's anchors a one-time cost. Records how many models were built."""
-    cache: dict = {}
-    real = B._load_model
-
-    def load(cfg, weights, seed, device):
-        key = (weights, seed, cfg.image_size, tuple(cfg.layers), str(device))
-        if key not in cache:
-            cache[key] = real(cfg, weights, seed, device)
-        return cache[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(B, "_load_model", load)
-        yield cache
+    return reused_models
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ Example (offline, random weights, synthetic data):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -37,9 +38,12 @@ import io
 import json
 import math
 import os
+import re
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,17 +78,23 @@ from .config import (
 )
 from .data import (
     LABEL_DEFECTIVE,
+    LABEL_UNKNOWN,
     MVTEC_CLASSES,
     SYNTHETIC_MARKER,
     ClassData,
     TestSample,
     default_synthetic_root,
+    default_synthetic_visa_root,
     is_synthetic_root,
     list_mvtec_classes,
+    list_visa_classes,
+    load_folder_dataset,
     load_image,
     load_mask,
     load_mvtec_class,
+    load_visa_class,
     make_synthetic_mvtec,
+    make_synthetic_visa,
     safe_name,
     sample_k_shot,
 )
@@ -102,6 +112,12 @@ DEFAULT_OUT_DIR = "results/benchmark"
 #: k-shot runs keep every patch of their k images.
 FEW_SHOT_CORESET_RATIO = 1.0
 MVTEC_ROOT_ENV = "MVTEC_ROOT"
+VISA_ROOT_ENV = "VISA_ROOT"
+#: ``--dataset``: the layout of ``--data-root`` (see :func:`load_benchmark_classes`).
+DATASETS = ("mvtec", "visa", "folder")
+DEFAULT_DATASET = "mvtec"
+#: Names in printed lines.
+DATASET_TITLES = {"mvtec": "MVTec", "visa": "VisA", "folder": "folder"}
 #: DataLoader workers on CUDA: min(this, CPU count - 1); 0 on CPU.
 MAX_DEFAULT_WORKERS = 4
 MIN_EVAL_SIZE = 8
@@ -111,6 +127,8 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 EXAMPLES_DIR = "examples"
 EXPLAIN_DIR = "explain"
+#: Advisory lock file under ``out``: held while class files and results.json are written.
+LOCK_FILE = ".lock"
 MEAN_ROW = "MEAN"
 THROUGHPUT_NOTE = (
     "images_per_s: test images per second at the given batch size, image decoding and "
@@ -183,7 +201,9 @@ class BenchmarkConfig:
     ``normalization`` -> ``per_image`` zero-shot, ``calibrated`` otherwise;
     ``workers`` -> min(4, CPUs - 1) on CUDA, 0 on CPU; ``model_name`` and
     ``image_size`` -> the method's (ViT-B-16 at 224 for tokens, ViT-B-16-plus-240 at 240
-    for windows).
+    for windows). ``dataset_format``: the layout of ``data_root``, ``mvtec`` | ``visa`` |
+    ``folder`` (:func:`load_benchmark_classes`); with ``visa``, ``data_root`` None ->
+    ``$VISA_ROOT`` or a synthetic VisA-format set.
 
     With ``method="windows"`` the metrics are computed on WinCLIP's own map and image
     score (``raw_map``, ``raw_score``), the numbers anomalib and the paper report; the
@@ -216,9 +236,16 @@ class BenchmarkConfig:
     llava: bool = False
     llava_model: str | None = None
     skip_bad: bool = False
+    dataset_format: str = DEFAULT_DATASET
 
     def validate(self) -> BenchmarkConfig:
         """A checked copy with ``k_shot``, ``seeds``, ``layers``, ``max_images`` normalised."""
+        if self.dataset_format not in DATASETS:
+            raise ConfigError(f"dataset must be one of {DATASETS}, got {self.dataset_format!r}")
+        if self.dataset_format == "folder" and self.classes is not None and len(self.classes) > 1:
+            raise ConfigError(
+                f"--dataset folder holds one class; --classes names it, got {self.classes}"
+            )
         k_shot = parse_k_shot(self.k_shot)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -367,6 +394,76 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> tuple[Path, bool]:
     return root, is_synthetic_root(root)
 
 
+def resolve_dataset_root(cfg: BenchmarkConfig) -> tuple[Path, bool]:
+    """(dataset root, synthetic?) for ``cfg.dataset_format``.
+
+    ``mvtec``: :func:`resolve_data_root`. ``visa``: ``data_root``, else ``$VISA_ROOT``,
+    else a generated synthetic VisA-format set. ``folder``: ``data_root`` is required.
+    """
+    if cfg.dataset_format == "visa":
+        data_root = cfg.data_root or os.environ.get(VISA_ROOT_ENV) or None
+        if data_root is None:
+            return make_synthetic_visa(default_synthetic_visa_root()), True
+        return resolve_data_root(data_root)
+    if cfg.dataset_format == "folder" and cfg.data_root is None:
+        raise ConfigError(
+            "--dataset folder needs --data-root DIR: a folder with train/good, test/good, "
+            "test/<defect> and ground_truth/<defect>"
+        )
+    return resolve_data_root(cfg.data_root)
+
+
+def load_folder_class(root: Path, name: str | None = None) -> ClassData:
+    """``--dataset folder``: one class of your own in MVTec's single-class layout.
+
+    ``root/train/good`` normal images; ``root/test/good`` normal and
+    ``root/test/<defect>`` defective test images; ``root/ground_truth/<defect>``
+    their masks (``<stem>_mask.png`` or ``<stem>.png``). ``name`` (default: the
+    folder's name) is the object named in the text prompts. Read by
+    :func:`~winclip_nb.data.load_folder_dataset`; a test image without a label
+    (loose in ``test/``) or a defect image without a mask raises :class:`DataError`.
+    """
+    masks = root / "ground_truth"
+    data = load_folder_dataset(
+        root / "train" / "good",
+        root / "test",
+        masks if masks.is_dir() else None,
+        name=name or root.resolve().name,
+    )
+    unlabelled = [s.path for s in data.test if s.label == LABEL_UNKNOWN]
+    if unlabelled:
+        raise DataError(
+            f"{len(unlabelled)} test image(s) without a label, e.g. {unlabelled[0]}: put "
+            f"them in {root / 'test' / 'good'} or {root / 'test'}/<defect>"
+        )
+    maskless = [s.path for s in data.test if s.label == LABEL_DEFECTIVE and s.mask_path is None]
+    if maskless:
+        raise DataError(
+            f"no mask for defect image {maskless[0]}: expected "
+            f"{masks / maskless[0].parent.name / (maskless[0].stem + '_mask.png')}"
+        )
+    return data
+
+
+def load_benchmark_classes(cfg: BenchmarkConfig, root: Path) -> dict[str, ClassData]:
+    """Every class of the run, by name, from ``root`` in the layout of ``cfg.dataset_format``."""
+    if cfg.dataset_format == "folder":
+        data = load_folder_class(root, cfg.classes[0] if cfg.classes else None)
+        return {data.name: data}
+    if cfg.dataset_format == "visa":
+        names = cfg.classes or list_visa_classes(root)
+        return {name: load_visa_class(root, name) for name in names}
+    names = cfg.classes or list_mvtec_classes(root)
+    if not names:
+        hint = (
+            f"; {root} looks like VisA (split_csv/1cls.csv): use --dataset visa"
+            if (root / "split_csv" / "1cls.csv").is_file()
+            else ""
+        )
+        raise DataError(f"no classes under {root}: expected <class>/train/good folders{hint}")
+    return {name: load_mvtec_class(root, name) for name in names}
+
+
 def check_layers(model_name: str, layers: Sequence[int]) -> tuple[int, ...]:
     """Layer indices valid for the vision transformer of ``model_name``, checked from
     open_clip's model config without building the model (unknown depth: not checked).
@@ -476,7 +573,9 @@ class TestImageDataset(Dataset):
             image = load_image(sample.path)
             height, width = image.shape[:2]
             if sample.mask_path is not None:
-                mask = load_mask(sample.mask_path, size=(height, width))
+                mask = load_mask(
+                    sample.mask_path, size=(height, width), nonzero=sample.mask_nonzero
+                )
             else:
                 mask = np.zeros((height, width), bool)
             resized = self.resize(image)
@@ -833,12 +932,91 @@ def _explain_top(
 # ======================================================================================
 # Result files
 # ======================================================================================
+#: ``.<name>.<host>.<pid>.<token>.tmp``: the temporary files of :func:`_write_atomic`.
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def _host_tag() -> str:
+    """This machine's name as a file-name part (no dots)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it."""
+    """Write ``text`` to a temporary file next to ``path``, then ``os.replace`` it.
+
+    The temporary name carries the host, the process id and a random token, so
+    concurrent writers (shards in other processes or on other machines sharing the
+    folder, threads of one process) never write into the same temporary file. A failed
+    write removes its temporary file; one left by a killed process is removed by the
+    next run (:func:`_remove_stale_temps`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    token = uuid.uuid4().hex[:12]
+    tmp = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{token}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only if no process ``pid`` exists on this machine (POSIX)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(out: Path) -> list[Path]:
+    """Remove temporary files that a killed run on this machine left under ``out``.
+
+    Only files named by :func:`_write_atomic` with this host and the id of a process
+    that no longer exists; those of running processes and other machines stay. POSIX
+    only (elsewhere, leftovers are ignored: they never match ``*.json``).
+    """
+    if os.name != "posix":
+        return []
+    host, removed = _host_tag(), []
+    for folder in (out, out / CLASS_DIR):
+        if not folder.is_dir():
+            continue
+        for path in folder.glob(".*.tmp"):
+            match = _TEMP_NAME.match(path.name)
+            if match and match["host"] == host and not _pid_alive(int(match["pid"])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out`` (``fcntl.flock`` on ``out/.lock``).
+
+    Runs writing into the same ``out`` (shards) take it around "write a class file and
+    rebuild results.json from the class files on disk" and around the check of the
+    folder, so no run rebuilds the table from a listing that another run has made stale
+    in between. Blocks until the lock is free; not re-entrant (never nest it). Creates
+    ``out``. Where ``fcntl`` does not exist (Windows) it does not lock.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(out / LOCK_FILE, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _to_json(obj: Any) -> str:
@@ -950,6 +1128,28 @@ def _finished_classes(out: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
     return {
         c["class"]: c["result"] for _, c in _class_files(out) if c["fingerprint"] == fingerprint
     }
+
+
+def _rebuild_results(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """results.json / results.csv from every class file of these settings on disk.
+
+    The caller holds :func:`_out_lock`. ``config["classes"]`` becomes this run's classes
+    plus every finished one (shards writing into one ``out`` each add theirs).
+    """
+    finished = _finished_classes(out, config_fingerprint(config))
+    names = list(dict.fromkeys([*config.get("classes", []), *_class_order(finished)]))
+    results = build_results(dict(config, classes=names), finished)
+    write_results(out, results)
+    return results
+
+
+def _record_class(
+    out: Path, name: str, config: dict[str, Any], result: dict[str, Any]
+) -> dict[str, Any]:
+    """Save one finished class and rebuild the result files, under the ``out`` lock."""
+    with _out_lock(out):
+        _write_class_file(out, name, config, result)
+        return _rebuild_results(out, config)
 
 
 def _check_out_dir(out: Path, config: dict[str, Any], force: bool, log: Callable) -> None:
@@ -1080,11 +1280,9 @@ def run_benchmark(
     cfg = cfg.validate()
     log: Callable[..., None] = print if verbose else (lambda *a, **k: None)
     device = resolve_device(cfg.device)
-    root, synthetic = resolve_data_root(cfg.data_root)
-    names = cfg.classes or list_mvtec_classes(root)
-    if not names:
-        raise DataError(f"no classes under {root}: expected <class>/train/good folders")
-    class_data = {name: load_mvtec_class(root, name) for name in names}
+    root, synthetic = resolve_dataset_root(cfg)
+    class_data = load_benchmark_classes(cfg, root)
+    names = list(class_data)
     for data in class_data.values():
         memory_images(data, cfg, cfg.seeds[0])  # k larger than the training set fails here
 
@@ -1109,7 +1307,10 @@ def run_benchmark(
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out must be a folder, but {out} is a file")
-    _check_out_dir(out, config, cfg.force, log)
+    if out.exists():
+        with _out_lock(out):
+            _check_out_dir(out, config, cfg.force, log)
+            _remove_stale_temps(out)
     fingerprint = config_fingerprint(config)
     for line in _header_lines(config):
         log(line)
@@ -1175,14 +1376,13 @@ def run_benchmark(
                     out / EXPLAIN_DIR / safe_name(name),
                     explainer,
                 )
-            _write_class_file(out, name, config, result)
-            write_results(out, build_results(config, _finished_classes(out, fingerprint)))
+            _record_class(out, name, config, result)
             log(_class_line(name, result))
     finally:
         if overall is not None:
             overall.close()
-    results = build_results(config, _finished_classes(out, fingerprint))
-    write_results(out, results)
+    with _out_lock(out):
+        results = _rebuild_results(out, config)
     return results
 
 
@@ -1249,11 +1449,12 @@ def merge_results(
         merged_from=[str(d) for d, _ in runs],
     )
     out = Path(out)
-    _check_out_dir(out, config, force=False, log=log)
-    for name, result in classes.items():
-        _write_class_file(out, name, config, result)
-    results = build_results(config, _finished_classes(out, fingerprint))
-    write_results(out, results)
+    with _out_lock(out):
+        _check_out_dir(out, config, force=False, log=log)
+        for name, result in classes.items():
+            _write_class_file(out, name, config, result)
+        results = build_results(config, _finished_classes(out, fingerprint))
+        write_results(out, results)
     return results
 
 
@@ -1273,11 +1474,19 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(f"weights: {config.get('model_name')} / {config.get('weights')}")
-    if config.get("synthetic"):
+    dataset = config.get("dataset_format") or DEFAULT_DATASET
+    if config.get("synthetic") and dataset == "visa":
+        lines.append(
+            f"data: SYNTHETIC VisA-format set at {config.get('data_root')} "
+            "(not VisA: numbers are a smoke test only)"
+        )
+    elif config.get("synthetic"):
         lines.append(
             f"data: SYNTHETIC MVTec-format set at {config.get('data_root')} "
             "(not MVTec-AD: numbers are a smoke test only)"
         )
+    elif dataset != DEFAULT_DATASET:
+        lines.append(f"data: {config.get('data_root')} ({DATASET_TITLES.get(dataset, dataset)})")
     else:
         lines.append(f"data: {config.get('data_root')}")
     memory = (
@@ -1347,7 +1556,9 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{skipped} unreadable test image(s) skipped (listed in results.json).")
     if config.get("random_weights"):
         lines.append(RANDOM_WEIGHTS_BANNER)
-    if config.get("synthetic"):
+    if config.get("synthetic") and config.get("dataset_format") == "visa":
+        lines.append("SYNTHETIC data: these numbers say nothing about VisA.")
+    elif config.get("synthetic"):
         lines.append("SYNTHETIC data: these numbers say nothing about MVTec-AD.")
     return "\n".join(lines)
 
@@ -1367,11 +1578,25 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchmarkConfig()
     data = parser.add_argument_group("data")
     data.add_argument(
+        "--dataset",
+        dest="dataset_format",
+        choices=DATASETS,
+        default=DEFAULT_DATASET,
+        help="layout of --data-root (default mvtec). mvtec: <class>/train/good, "
+        "<class>/test/<defect>, <class>/ground_truth/<defect>; visa: split_csv/1cls.csv "
+        f"and its image and mask paths (default root ${VISA_ROOT_ENV}; if unset, a "
+        "synthetic VisA-format set, marked SYNTHETIC); folder: one class of your own, "
+        "DIR/train/good, DIR/test/good, DIR/test/<defect>, DIR/ground_truth/<defect> "
+        "(masks <stem>_mask.png); --classes NAME names its object (default: the "
+        "folder's name)",
+    )
+    data.add_argument(
         "--data-root",
         default=None,
         metavar="DIR",
         help=f"MVTec-AD folder (default ${MVTEC_ROOT_ENV}; if unset, a synthetic "
-        "MVTec-format set is generated and every output says SYNTHETIC)",
+        "MVTec-format set is generated and every output says SYNTHETIC); the VisA "
+        "or own folder with --dataset",
     )
     data.add_argument(
         "--classes", nargs="+", default=None, metavar="NAME", help="default: every class found"

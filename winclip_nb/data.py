@@ -12,8 +12,16 @@ MVTec-AD layout (one folder per class)::
     <root>/<class>/test/<defect>/000.png ...        (label 1)
     <root>/<class>/ground_truth/<defect>/000_mask.png
 
-:func:`make_synthetic_mvtec` writes the same layout for a few synthetic classes so
-that the whole project runs and is tested without downloading anything.
+VisA layout (:func:`load_visa_class`): one split file lists every image::
+
+    <root>/split_csv/1cls.csv                        object,split,label,image,mask
+    <root>/<class>/Data/Images/Normal/0000.JPG       label normal
+    <root>/<class>/Data/Images/Anomaly/000.JPG       label anomaly
+    <root>/<class>/Data/Masks/Anomaly/000.png        any non-zero value is defect
+
+:func:`make_synthetic_mvtec` writes the MVTec layout (and :func:`make_synthetic_visa`
+the VisA layout) for a few synthetic classes so that the whole project runs and is
+tested without downloading anything.
 
 Example:
     >>> root = make_synthetic_mvtec(tmp_path, ["disc"], image_size=64)  # doctest: +SKIP
@@ -25,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import operator
 import os
@@ -63,6 +73,23 @@ MVTEC_CLASSES: dict[str, str] = {
     "wood": "texture",
     "zipper": "object",
 }
+#: VisA's 12 classes -> their group in the VisA paper (Zou et al., ECCV 2022).
+VISA_GROUPS: dict[str, str] = {
+    "candle": "multiple_instances",
+    "capsules": "multiple_instances",
+    "cashew": "single_instance",
+    "chewinggum": "single_instance",
+    "fryum": "single_instance",
+    "macaroni1": "multiple_instances",
+    "macaroni2": "multiple_instances",
+    "pcb1": "complex_structure",
+    "pcb2": "complex_structure",
+    "pcb3": "complex_structure",
+    "pcb4": "complex_structure",
+    "pipe_fryum": "single_instance",
+}
+#: VisA's classes -> :func:`class_kind`: every one is an object (VisA has no texture class).
+VISA_CLASSES: dict[str, str] = dict.fromkeys(VISA_GROUPS, "object")
 #: Classes written by :func:`make_synthetic_mvtec`. ``washer`` is saved as 8-bit grayscale.
 SYNTHETIC_CLASSES: dict[str, str] = {"disc": "object", "weave": "texture", "washer": "object"}
 #: Defect folders of every synthetic class, from subtle to obvious contrast.
@@ -87,6 +114,7 @@ SYNTHETIC_MARKER = "SYNTHETIC.json"
 #: Bump when the generator's output changes, so cached sets are regenerated.
 SYNTHETIC_GENERATOR_VERSION = 1
 SYNTHETIC_GENERATOR_TAG = "winclip_nb.data.make_synthetic_mvtec"
+SYNTHETIC_VISA_GENERATOR_TAG = "winclip_nb.data.make_synthetic_visa"
 DEFAULT_SYNTHETIC_N_TRAIN = 10
 DEFAULT_SYNTHETIC_N_TEST_GOOD = 4
 DEFAULT_SYNTHETIC_N_TEST_PER_DEFECT = 2
@@ -117,11 +145,13 @@ class DataWarning(UserWarning):
 def class_kind(name: str) -> str:
     """``"texture"`` or ``"object"`` for a class name (case-insensitive; unknown -> object).
 
-    >>> class_kind("Carpet"), class_kind("bottle"), class_kind("my_part")
-    ('texture', 'object', 'object')
+    Known: the MVTec-AD, VisA and synthetic classes. Textures get no foreground mask.
+
+    >>> class_kind("Carpet"), class_kind("bottle"), class_kind("pcb1"), class_kind("my_part")
+    ('texture', 'object', 'object', 'object')
     """
     key = str(name).strip().lower()
-    return MVTEC_CLASSES.get(key) or SYNTHETIC_CLASSES.get(key) or "object"
+    return MVTEC_CLASSES.get(key) or VISA_CLASSES.get(key) or SYNTHETIC_CLASSES.get(key) or "object"
 
 
 def safe_name(name: str) -> str:
@@ -340,13 +370,16 @@ def load_image(src: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
     return _array_to_rgb(_pil_to_array(img), str(src))
 
 
-def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np.ndarray:
+def load_mask(
+    path: str | os.PathLike, size: tuple[int, int] | None = None, *, nonzero: bool = False
+) -> np.ndarray:
     """Read a ground-truth mask as (H, W) bool.
 
     Colour masks count a pixel as defective if any colour channel is set; palette
     masks use the palette index (index > 0). Values are scaled to 8 bit like
     :func:`load_image`; a mask whose values are only 0/1 uses ``> 0``, any other
-    ``> 127`` (robust to JPEG noise).
+    ``> 127`` (robust to JPEG noise). ``nonzero``: every non-zero value is defect
+    (VisA's masks, whose values are small region labels).
 
     If ``size`` = (H, W) is given and differs from the mask's size, the mask is
     resized with nearest-neighbour and a :class:`DataWarning` names the file and
@@ -361,8 +394,11 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
         if arr.ndim == 3:
             colour = arr[..., :3] if arr.shape[2] >= 3 else arr[..., :1]
             arr = colour.max(axis=2)
-        values = _to_uint8(arr, str(path))
-        binary = values > (0 if values.max() <= 1 else 127)
+        if nonzero:
+            binary = np.asarray(arr) > 0
+        else:
+            values = _to_uint8(arr, str(path))
+            binary = values > (0 if values.max() <= 1 else 127)
     if size is not None:
         height, width = (int(v) for v in size)
         if height < 1 or width < 1:
@@ -384,7 +420,10 @@ def load_mask(path: str | os.PathLike, size: tuple[int, int] | None = None) -> n
 # --- dataset containers ------------------------------------------------------------
 @dataclass
 class TestSample:
-    """One test image: ``label`` 0 good, 1 defective, -1 unknown; ``mask_path`` or None."""
+    """One test image: ``label`` 0 good, 1 defective, -1 unknown; ``mask_path`` or None.
+
+    ``mask_nonzero``: read the mask with ``load_mask(..., nonzero=True)`` (VisA).
+    """
 
     __test__ = False  # not a pytest test class
 
@@ -392,6 +431,7 @@ class TestSample:
     defect: str
     label: int
     mask_path: Path | None = None
+    mask_nonzero: bool = False
 
 
 @dataclass
@@ -596,6 +636,151 @@ def load_folder_dataset(
         train=train,
         test=test,
         synthetic=False,
+    )
+
+
+# --- VisA layout -------------------------------------------------------------------
+#: VisA's split file (the one-class protocol), relative to the dataset root.
+VISA_SPLIT_FILE = "split_csv/1cls.csv"
+VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
+VISA_NORMAL = "normal"
+VISA_ANOMALY = "anomaly"
+#: ``defect`` of VisA's anomalous test images (its split file names no defect type).
+VISA_DEFECT = "anomaly"
+
+
+@dataclass
+class _VisaRow:
+    line: int
+    object: str
+    split: str
+    label: str
+    image: str
+    mask: str
+
+
+def _visa_split_file(root: Path) -> Path:
+    path = root / VISA_SPLIT_FILE
+    if not path.is_file():
+        raise DataError(
+            f"VisA split file not found: {path} (a VisA root holds {VISA_SPLIT_FILE} "
+            "and one folder per class)"
+        )
+    return path
+
+
+def _read_visa_rows(root: Path) -> tuple[Path, list[_VisaRow]]:
+    """(split file, its rows); a missing file or column raises :class:`DataError`."""
+    path = _visa_split_file(root)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read VisA split file {path}: {exc}") from exc
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip().lower() for h in next(reader, [])]
+    missing = [c for c in VISA_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"VisA split file {path} lacks column(s) {', '.join(missing)}: it needs "
+            f"{', '.join(VISA_COLUMNS)}; found {', '.join(header) if header else 'no header'}"
+        )
+    where = [header.index(c) for c in VISA_COLUMNS]
+    rows = []
+    for line, cells in enumerate(reader, start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        values = [cells[i].strip() if i < len(cells) else "" for i in where]
+        rows.append(_VisaRow(line, *values))
+    return path, rows
+
+
+def _visa_file(root: Path, split_file: Path, row: _VisaRow, relative: str, what: str) -> Path:
+    """``root / relative``, which must stay inside ``root`` and exist."""
+    rel = Path(relative)
+    if not relative or rel.is_absolute() or ".." in rel.parts:
+        raise DataError(
+            f"{split_file} line {row.line}: {what} path {relative!r} must be a path "
+            f"relative to {root}"
+        )
+    path = root / rel
+    if not path.is_file():
+        raise DataError(f"{split_file} line {row.line}: {what} file not found: {path}")
+    return path
+
+
+def _visa_order(names: Sequence[str]) -> list[str]:
+    canonical = {name: i for i, name in enumerate(VISA_GROUPS)}
+    return sorted(set(names), key=lambda n: (canonical.get(n, len(canonical)), n))
+
+
+def list_visa_classes(root: str | os.PathLike) -> list[str]:
+    """The classes named in ``<root>/split_csv/1cls.csv``: VisA's order, then A-Z."""
+    base = _require_dir(root, "VisA root")
+    _, rows = _read_visa_rows(base)
+    return _visa_order([r.object for r in rows if r.object])
+
+
+def load_visa_class(root: str | os.PathLike, name: str) -> ClassData:
+    """Read one class of a VisA-style dataset from its split file ``split_csv/1cls.csv``.
+
+    Columns ``object, split, label, image, mask`` (image and mask paths relative to
+    ``root``; ``split`` train/test; ``label`` normal/anomaly). ``train``: the normal
+    train rows; ``test``: the test rows, normal ones first (label 0), then the
+    anomalous ones (label 1, defect ``anomaly``, with their mask, read as
+    "non-zero is defect"), each sorted by path. Raises :class:`DataError` naming the
+    file (and line) for a missing split file or column, an unknown class (listing the
+    classes in the file), a bad split or label, an anomalous test row without a mask,
+    or a row naming a missing image or mask file.
+    """
+    base = _require_dir(root, "VisA root")
+    class_name = _check_class_name(name)
+    split_file, rows = _read_visa_rows(base)
+    mine = [r for r in rows if r.object == class_name]
+    if not mine:
+        found = _visa_order([r.object for r in rows if r.object])
+        raise DataError(
+            f"class {class_name!r} is not in {split_file}; classes in it: "
+            f"{', '.join(found) if found else 'none'}"
+        )
+    train: list[Path] = []
+    good: list[TestSample] = []
+    anomalous: list[TestSample] = []
+    for row in mine:
+        split, label = row.split.lower(), row.label.lower()
+        if split not in ("train", "test"):
+            raise DataError(
+                f"{split_file} line {row.line}: split must be train or test, got {row.split!r}"
+            )
+        if label not in (VISA_NORMAL, VISA_ANOMALY):
+            raise DataError(
+                f"{split_file} line {row.line}: label must be {VISA_NORMAL} or "
+                f"{VISA_ANOMALY}, got {row.label!r}"
+            )
+        image = _visa_file(base, split_file, row, row.image, "image")
+        if split == "train":
+            if label == VISA_NORMAL:
+                train.append(image)
+            continue  # an anomalous training image never enters the memory
+        if label == VISA_NORMAL:
+            good.append(TestSample(image, GOOD, LABEL_GOOD, None))
+            continue
+        if not row.mask:
+            raise DataError(f"{split_file} line {row.line}: anomalous image {image} has no mask")
+        mask = _visa_file(base, split_file, row, row.mask, "mask")
+        anomalous.append(TestSample(image, VISA_DEFECT, LABEL_DEFECTIVE, mask, mask_nonzero=True))
+    if not train:
+        raise DataError(f"no normal training images of class {class_name!r} in {split_file}")
+    test = sorted(good, key=lambda s: _natural_key(s.path) + (str(s.path),))
+    test += sorted(anomalous, key=lambda s: _natural_key(s.path) + (str(s.path),))
+    if not test:
+        raise DataError(f"no test images of class {class_name!r} in {split_file}")
+    return ClassData(
+        name=class_name,
+        kind=class_kind(class_name),
+        root=base / class_name,
+        train=sorted(train),
+        test=test,
+        synthetic=is_synthetic_root(base),
     )
 
 
@@ -928,26 +1113,38 @@ def _plan_paths(root: Path, item: tuple[str, str, str, int]) -> tuple[Path, Path
     return image, mask
 
 
-def _read_marker(root: Path) -> dict[str, Any] | None:
+def _read_marker(
+    root: Path, tags: Sequence[str] = (SYNTHETIC_GENERATOR_TAG,)
+) -> dict[str, Any] | None:
     try:
         marker = json.loads((root / SYNTHETIC_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("generator") != SYNTHETIC_GENERATOR_TAG:
+    if not isinstance(marker, dict) or marker.get("generator") not in tags:
         return None
     return marker
 
 
 def is_synthetic_root(root: str | os.PathLike) -> bool:
-    """True if ``root`` holds the ``SYNTHETIC.json`` marker of :func:`make_synthetic_mvtec`."""
-    return _read_marker(Path(root)) is not None
+    """True if ``root`` holds the ``SYNTHETIC.json`` marker of :func:`make_synthetic_mvtec`
+    or :func:`make_synthetic_visa`."""
+    tags = (SYNTHETIC_GENERATOR_TAG, SYNTHETIC_VISA_GENERATOR_TAG)
+    return _read_marker(Path(root), tags) is not None
+
+
+def _cache_base() -> Path:
+    cache = os.environ.get(CACHE_ENV_VAR)
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "winclip_nb"
 
 
 def default_synthetic_root() -> Path:
     """``$WINCLIP_NB_CACHE/synthetic_mvtec``, else ``~/.cache/winclip_nb/synthetic_mvtec``."""
-    cache = os.environ.get(CACHE_ENV_VAR)
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "winclip_nb"
-    return base / "synthetic_mvtec"
+    return _cache_base() / "synthetic_mvtec"
+
+
+def default_synthetic_visa_root() -> Path:
+    """``$WINCLIP_NB_CACHE/synthetic_visa``, else ``~/.cache/winclip_nb/synthetic_visa``."""
+    return _cache_base() / "synthetic_visa"
 
 
 def _synthetic_set_complete(
@@ -1000,6 +1197,37 @@ def _check_count(value: int, name: str, minimum: int) -> int:
     return int(value)
 
 
+def _synthetic_settings(
+    generator: str,
+    classes: Sequence[str] | None,
+    n_train: int,
+    n_test_good: int,
+    n_test_per_defect: int,
+    image_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The checked settings of a synthetic set, as its ``SYNTHETIC.json`` records them."""
+    names = list(SYNTHETIC_CLASSES) if classes is None else list(dict.fromkeys(classes))
+    if not names:
+        raise ConfigError("classes must name at least one synthetic class, got []")
+    unknown = [c for c in names if c not in SYNTHETIC_CLASSES]
+    if unknown:
+        raise ConfigError(
+            f"unknown synthetic classes {unknown}; known: {', '.join(SYNTHETIC_CLASSES)}"
+        )
+    return {
+        "generator": generator,
+        "version": SYNTHETIC_GENERATOR_VERSION,
+        "classes": names,
+        "defects": list(SYNTHETIC_DEFECTS),
+        "n_train": _check_count(n_train, "n_train", 1),
+        "n_test_good": _check_count(n_test_good, "n_test_good", 1),
+        "n_test_per_defect": _check_count(n_test_per_defect, "n_test_per_defect", 1),
+        "image_size": _check_count(image_size, "image_size", MIN_SYNTHETIC_IMAGE_SIZE),
+        "seed": _check_count(seed, "seed", 0),
+    }
+
+
 def make_synthetic_mvtec(
     root: str | os.PathLike,
     classes: Sequence[str] | None = None,
@@ -1020,26 +1248,10 @@ def make_synthetic_mvtec(
     with another synthetic set is cleared of it and rewritten; a non-empty folder
     without the marker raises :class:`DataError` (it is not ours to overwrite).
     """
-    names = list(SYNTHETIC_CLASSES) if classes is None else list(dict.fromkeys(classes))
-    if not names:
-        raise ConfigError("classes must name at least one synthetic class, got []")
-    unknown = [c for c in names if c not in SYNTHETIC_CLASSES]
-    if unknown:
-        raise ConfigError(
-            f"unknown synthetic classes {unknown}; known: {', '.join(SYNTHETIC_CLASSES)}"
-        )
-    size = _check_count(image_size, "image_size", MIN_SYNTHETIC_IMAGE_SIZE)
-    settings: dict[str, Any] = {
-        "generator": SYNTHETIC_GENERATOR_TAG,
-        "version": SYNTHETIC_GENERATOR_VERSION,
-        "classes": names,
-        "defects": list(SYNTHETIC_DEFECTS),
-        "n_train": _check_count(n_train, "n_train", 1),
-        "n_test_good": _check_count(n_test_good, "n_test_good", 1),
-        "n_test_per_defect": _check_count(n_test_per_defect, "n_test_per_defect", 1),
-        "image_size": size,
-        "seed": _check_count(seed, "seed", 0),
-    }
+    settings = _synthetic_settings(
+        SYNTHETIC_GENERATOR_TAG, classes, n_train, n_test_good, n_test_per_defect, image_size, seed
+    )
+    names, size = settings["classes"], settings["image_size"]
     base = Path(root)
     if base.exists() and not base.is_dir():
         raise DataError(f"synthetic dataset root is not a folder: {base}")
@@ -1050,23 +1262,8 @@ def make_synthetic_mvtec(
     with _generation_lock(base):
         if _synthetic_set_complete(base, settings, plan):  # another process just made it
             return base
-        old = _read_marker(base)
-        if old is not None:
-            stale = {c for c in old.get("classes", []) if isinstance(c, str)} | set(names)
-            for name in sorted(stale & set(SYNTHETIC_CLASSES)):
-                if (base / name).is_dir():
-                    shutil.rmtree(base / name)
-        elif any(p.name != _LOCK_NAME for p in base.iterdir()):
-            raise DataError(
-                f"refusing to write synthetic data into {base}: the folder is not empty and "
-                f"has no {SYNTHETIC_MARKER} marker; choose an empty or new folder"
-            )
-
-        def write_marker(complete: bool) -> None:
-            text = json.dumps({**settings, "complete": complete}, indent=2, sort_keys=True)
-            _write_atomic(base / SYNTHETIC_MARKER, (text + "\n").encode("utf-8"))
-
-        write_marker(False)  # an interrupted run is recognised and cleaned up next time
+        _clear_synthetic_root(base, names, (SYNTHETIC_GENERATOR_TAG,))
+        _write_marker(base, settings, False)  # an interrupted run is recognised next time
         for item in plan:
             name, split, defect, index = item
             image_seed = synthetic_image_seed(seed, name, split, defect, index)
@@ -1075,5 +1272,142 @@ def make_synthetic_mvtec(
             _write_atomic(image_path, _encode_png(sample.image))
             if mask_path is not None:
                 _write_atomic(mask_path, _encode_png(sample.defect_mask.astype(np.uint8) * 255))
-        write_marker(True)
+        _write_marker(base, settings, True)
+    return base
+
+
+def _clear_synthetic_root(base: Path, names: Sequence[str], tags: Sequence[str]) -> bool:
+    """Before generating into ``base`` (lock held): remove the class folders of an older
+    synthetic set (its marker's generator in ``tags``) and of ``names``; refuse a
+    non-empty folder without a marker. True if an older set was there."""
+    old = _read_marker(base, tags)
+    if old is None:
+        if any(p.name != _LOCK_NAME for p in base.iterdir()):
+            raise DataError(
+                f"refusing to write synthetic data into {base}: the folder is not empty and "
+                f"has no {SYNTHETIC_MARKER} marker; choose an empty or new folder"
+            )
+        return False
+    stale = {c for c in old.get("classes", []) if isinstance(c, str)} | set(names)
+    for name in sorted(stale & set(SYNTHETIC_CLASSES)):
+        if (base / name).is_dir():
+            shutil.rmtree(base / name)
+    return True
+
+
+def _write_marker(base: Path, settings: dict[str, Any], complete: bool) -> None:
+    text = json.dumps({**settings, "complete": complete}, indent=2, sort_keys=True)
+    _write_atomic(base / SYNTHETIC_MARKER, (text + "\n").encode("utf-8"))
+
+
+# --- synthetic data in VisA's layout -------------------------------------------------
+JPEG_QUALITY = 95
+
+
+def _encode_jpeg(pixels: np.ndarray) -> bytes:
+    """JPEG bytes (quality :data:`JPEG_QUALITY`); (H, W) -> grayscale, (H, W, 3) RGB -> colour."""
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:  # pragma: no cover - OpenCV always encodes uint8 arrays
+        raise DataError("OpenCV failed to encode a JPEG")
+    return encoded.tobytes()
+
+
+def _visa_plan(settings: dict[str, Any]) -> list[tuple[str, str, str, int, str, str]]:
+    """(class, split, defect, index, image path, mask path or "") of every image, in the
+    order of the split file; index counts within (class, split, defect) as in MVTec's set."""
+    plan = []
+    for name in settings["classes"]:
+        images = f"{name}/Data/Images"
+        n_train, n_good = settings["n_train"], settings["n_test_good"]
+        for i in range(n_train + n_good):
+            split, index = ("train", i) if i < n_train else ("test", i - n_train)
+            plan.append((name, split, GOOD, index, f"{images}/Normal/{i:04d}.JPG", ""))
+        number = 0
+        for defect in settings["defects"]:
+            for index in range(settings["n_test_per_defect"]):
+                image = f"{images}/Anomaly/{number:03d}.JPG"
+                mask = f"{name}/Data/Masks/Anomaly/{number:03d}.png"
+                plan.append((name, "test", defect, index, image, mask))
+                number += 1
+    return plan
+
+
+def _visa_split_text(plan: list[tuple[str, str, str, int, str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(VISA_COLUMNS)
+    for name, split, defect, _, image, mask in plan:
+        label = VISA_NORMAL if defect == GOOD else VISA_ANOMALY
+        writer.writerow([name, split, label, image, mask])
+    return buffer.getvalue()
+
+
+def make_synthetic_visa(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    *,
+    n_train: int = DEFAULT_SYNTHETIC_N_TRAIN,
+    n_test_good: int = DEFAULT_SYNTHETIC_N_TEST_GOOD,
+    n_test_per_defect: int = DEFAULT_SYNTHETIC_N_TEST_PER_DEFECT,
+    image_size: int = DEFAULT_SYNTHETIC_IMAGE_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic dataset in VisA's layout under ``root``; return ``root``.
+
+    The images of :func:`make_synthetic_mvtec` with the same arguments (same classes,
+    renders and seeds), stored as VisA stores them: JPEG images under
+    ``<class>/Data/Images/{Normal,Anomaly}/``, PNG masks under
+    ``<class>/Data/Masks/Anomaly/`` whose defect pixels hold a small non-zero label
+    (1 + the defect's index in :data:`SYNTHETIC_DEFECTS`, not 255), and
+    ``split_csv/1cls.csv``. ``SYNTHETIC.json`` marks the set (results then say
+    SYNTHETIC); reuse, regeneration and refusal of a foreign folder work as in
+    :func:`make_synthetic_mvtec`.
+    """
+    settings = _synthetic_settings(
+        SYNTHETIC_VISA_GENERATOR_TAG,
+        classes,
+        n_train,
+        n_test_good,
+        n_test_per_defect,
+        image_size,
+        seed,
+    )
+    base = Path(root)
+    if base.exists() and not base.is_dir():
+        raise DataError(f"synthetic dataset root is not a folder: {base}")
+    plan = _visa_plan(settings)
+    split_file = base / VISA_SPLIT_FILE
+    tags = (SYNTHETIC_GENERATOR_TAG, SYNTHETIC_VISA_GENERATOR_TAG)
+
+    def complete() -> bool:
+        old = _read_marker(base, (SYNTHETIC_VISA_GENERATOR_TAG,)) if base.is_dir() else None
+        if old is None or old.get("complete") is not True:
+            return False
+        if {k: v for k, v in old.items() if k != "complete"} != settings:
+            return False
+        files = [split_file] + [base / p for item in plan for p in item[4:] if p]
+        return all(f.is_file() for f in files)
+
+    if complete():
+        return base
+    base.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(base):
+        if complete():  # another process just made it
+            return base
+        if _clear_synthetic_root(base, settings["classes"], tags):
+            split_file.unlink(missing_ok=True)
+        _write_marker(base, settings, False)
+        for name, split, defect, index, image, mask in plan:
+            image_seed = synthetic_image_seed(settings["seed"], name, split, defect, index)
+            sample = render_synthetic_image(
+                name, defect, image_size=settings["image_size"], seed=image_seed
+            )
+            _write_atomic(base / image, _encode_jpeg(sample.image))
+            if mask:
+                label = 1 + SYNTHETIC_DEFECTS.index(defect)
+                _write_atomic(base / mask, _encode_png(sample.defect_mask.astype(np.uint8) * label))
+        _write_atomic(split_file, _visa_split_text(plan).encode("utf-8"))
+        _write_marker(base, settings, True)
     return base

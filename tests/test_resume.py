@@ -1,0 +1,321 @@
+"""Killed runs resume, and shards share one output folder.
+
+A benchmark process SIGKILLed in the middle of its second class is rerun with the same
+command: it skips the finished class and ends with the numbers of an uninterrupted run.
+Two shard processes writing other classes into one ``--out`` at the same time both land.
+Only the process that is killed and one shard run in subprocesses (each pays for the
+torch import and a model); the other runs go through ``cli.main`` in this process and
+share one model. 64 px input (4 x 4 patches), pixel metrics at 32 x 32.
+The two write races behind that (shared temporary names, a results.json rebuilt from a
+listing another writer has made stale) are also forced deterministically with threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from winclip_nb import benchmark as B
+from winclip_nb import cli
+from winclip_nb.data import make_synthetic_mvtec
+from winclip_nb.metrics import METRIC_KEYS
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("disc", "weave", "washer")
+TINY_SET = {"n_train": 2, "n_test_good": 2, "n_test_per_defect": 1, "image_size": 64}
+#: Keys that measure time, not results: they differ between any two runs.
+TIMING_KEYS = frozenset({"seconds", "images_per_s", "memory_seconds", "test_seconds"})
+#: Run as ``python -c``: the benchmark CLI, with one class announced when it starts and
+#: held (after its computation, before it is saved) so that a kill lands inside it.
+HOLD_ONE_CLASS = """
+import sys, time
+from winclip_nb import benchmark as B, cli
+held, real = sys.argv[1], B.evaluate_class
+def evaluate(winclip, class_data, *args, **kwargs):
+    if class_data.name == held:
+        print(f"evaluating {held}", flush=True)
+    result = real(winclip, class_data, *args, **kwargs)
+    if class_data.name == held:
+        time.sleep(120)
+    return result
+B.evaluate_class = evaluate
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="SIGKILL and flock are POSIX")
+
+
+def bench_args(root: Path, out: Path, *classes: str) -> list[str]:
+    return [
+        "benchmark", "--data-root", str(root), "--classes", *(classes or CLASSES),
+        "--weights", "random", "--device", "cpu", "--image-size", "64", "--eval-size", "32",
+        "--batch-size", "4", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    # Two torch threads, as conftest.py sets for this process: the same arithmetic.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(args: list[str]) -> str:
+    """``winclip-nb ARGS`` in this process; returns its stdout (exit code 0 asserted)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli.main(args)
+    assert code == 0, buffer.getvalue()
+    return buffer.getvalue()
+
+
+def without_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for folder in (out, out / "classes") for p in folder.glob(".*.tmp"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_model(reused_models):
+    """The in-process runs reuse one model (and its cache of text anchors)."""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_synthetic_mvtec(tmp_path_factory.mktemp("resume_mvtec"), list(CLASSES), **TINY_SET)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    run_cli(bench_args(root, out))
+    return read_json(out / "results.json")
+
+
+# ------------------------------------------------------------------------- kill, resume
+def test_killed_in_the_second_class_resumes_to_the_uninterrupted_numbers(
+    root, uninterrupted, tmp_path
+):
+    out = tmp_path / "out"
+    first, second, third = CLASSES
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_ONE_CLASS, second, *bench_args(root, out)],
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append(line)
+            if line.startswith(f"evaluating {second}"):
+                break
+        assert any(line.startswith(f"{first}: image AUROC") for line in seen), "".join(seen)
+        assert (out / "classes" / f"{first}.json").is_file()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    # The kill landed inside the second class: the first is saved, the second is not.
+    assert sorted(p.name for p in (out / "classes").glob("*.json")) == [f"{first}.json"]
+    assert list(read_json(out / "results.json")["classes"]) == [first]
+
+    # Half-written files of the killed process (a kill during a write leaves these).
+    host = B._host_tag()
+    stale = [
+        out / "classes" / f".{second}.json.{host}.{proc.pid}.0123456789ab.tmp",
+        out / f".results.json.{host}.{proc.pid}.ba9876543210.tmp",
+    ]
+    for path in stale:
+        path.write_text('{"class": "' + second + '", "fingerp')
+
+    rerun = run_cli(bench_args(root, out))  # the same command again
+    assert f"{first}: skipped (done)" in rerun
+    for name in (second, third):
+        assert f"{name}: image AUROC" in rerun
+    assert leftovers(out) == []  # the killed run's temporary files were removed
+
+    resumed = read_json(out / "results.json")
+    assert sorted(resumed["classes"]) == sorted(CLASSES)
+    for name in CLASSES:
+        assert without_timing(resumed["classes"][name]) == without_timing(
+            uninterrupted["classes"][name]
+        ), name
+        saved = read_json(out / "classes" / f"{name}.json")["result"]
+        assert without_timing(saved) == without_timing(uninterrupted["classes"][name])
+    assert without_timing(resumed["mean"]) == without_timing(uninterrupted["mean"])
+    assert all(isinstance(resumed["mean"][k], float) for k in METRIC_KEYS)
+
+
+def test_stale_temp_files_of_live_processes_and_other_machines_stay(tmp_path):
+    out = tmp_path / "out"
+    (out / "classes").mkdir(parents=True)
+    host = B._host_tag()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead_pid = int(dead.stdout)
+    mine = out / "classes" / f".disc.json.{host}.{os.getpid()}.abc123.tmp"
+    other_host = out / "classes" / f".disc.json.otherhost.{dead_pid}.abc123.tmp"
+    gone = out / f".results.csv.{host}.{dead_pid}.abc123.tmp"
+    for path in (mine, other_host, gone):
+        path.write_text("half")
+    assert B._remove_stale_temps(out) == [gone]
+    assert mine.exists() and other_host.exists() and not gone.exists()
+
+
+# -------------------------------------------------------------------- shards, one --out
+def test_two_shards_writing_into_one_out_both_land(root, uninterrupted, tmp_path):
+    """Two processes, other classes, one --out, working at the same time (this one starts
+    when the other has checked the folder and printed its header). A race test: without
+    the lock it fails only when their rebuilds of results.json interleave; the forced
+    versions below fail without the fix every time."""
+    out = tmp_path / "shared"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winclip_nb", *bench_args(root, out, "disc")],
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        header = proc.stdout.readline()  # type: ignore[union-attr]
+        assert header.startswith("weights:"), header
+        run_cli(bench_args(root, out, "weave"))
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert sorted(p.name for p in (out / "classes").glob("*.json")) == ["disc.json", "weave.json"]
+    results = read_json(out / "results.json")
+    assert sorted(results["classes"]) == ["disc", "weave"]
+    assert sorted(results["config"]["classes"]) == ["disc", "weave"]
+    for name in ("disc", "weave"):
+        assert without_timing(results["classes"][name]) == without_timing(
+            uninterrupted["classes"][name]
+        )
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in csv_rows[1:]] == ["disc", "weave", "MEAN"]
+    assert leftovers(out) == []
+
+
+def _fake_result(value: float) -> dict:
+    return dict.fromkeys(METRIC_KEYS, value) | {"n_test": 6, "n_defective": 4, "seconds": 1.0,
+                                                "images_per_s": 2.0}  # fmt: skip
+
+
+def test_results_json_is_never_rebuilt_from_a_stale_listing(tmp_path, monkeypatch):
+    """Shard A lists the class files, shard B saves its class and rebuilds, then A writes
+    its (stale) table: without the lock the final results.json misses B's class. A waits
+    (at most 1.5 s) after listing for B to finish; with the lock B cannot start its
+    write meanwhile, so A's wait runs out and B's rebuild, last, sees both classes."""
+    out = tmp_path / "out"
+    config = {"k_shot": "full", "sigma": 4.0, "classes": []}
+    a_listed, b_done = threading.Event(), threading.Event()
+    real_listing = B._finished_classes
+    waited_out: list[bool] = []
+
+    def listing(folder, fingerprint):
+        found = real_listing(folder, fingerprint)
+        if threading.current_thread().name == "shard-a":
+            a_listed.set()
+            waited_out.append(not b_done.wait(1.5))
+        return found
+
+    monkeypatch.setattr(B, "_finished_classes", listing)
+    errors: list[BaseException] = []
+
+    def shard(name: str, value: float, after: threading.Event | None) -> None:
+        try:
+            if after is not None:
+                assert after.wait(10)
+            B._record_class(out, name, dict(config, classes=[name]), _fake_result(value))
+            if name == "weave":
+                b_done.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=shard, args=("disc", 80.0, None), name="shard-a"),
+        threading.Thread(target=shard, args=("weave", 60.0, a_listed), name="shard-b"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    results = read_json(out / "results.json")
+    assert sorted(results["classes"]) == ["disc", "weave"]
+    assert results["mean"]["image_auroc"] == 70.0
+    assert "weave" in (out / "results.csv").read_text()
+    assert waited_out == [True]  # B was held off while A held the lock
+
+
+def test_concurrent_atomic_writes_use_their_own_temporary_files(tmp_path, monkeypatch):
+    """Both writers have written their temporary file before either renames it (forced
+    with a barrier): with one shared temporary name the second rename fails or installs
+    the other's text."""
+    target = tmp_path / "results.json"
+    texts = {"one": '{"from": "one"}\n' * 50, "two": '{"from": "two"}\n'}
+    barrier = threading.Barrier(2, timeout=10)
+    real_replace = os.replace
+    installed: list[str] = []
+
+    def replace(src, dst):
+        if Path(dst) == target:
+            barrier.wait()
+            installed.append(Path(src).read_text(encoding="utf-8"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    errors: list[BaseException] = []
+
+    def write(key: str) -> None:
+        try:
+            B._write_atomic(target, texts[key])
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors, errors
+    assert sorted(installed) == sorted(texts.values())  # each rename moved its own text
+    assert target.read_text(encoding="utf-8") in texts.values()
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    target = tmp_path / "classes" / "disc.json"
+
+    def fail(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="simulated"):
+        B._write_atomic(target, "{}")
+    assert list((tmp_path / "classes").iterdir()) == []
