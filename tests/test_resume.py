@@ -201,8 +201,9 @@ def test_two_shards_writing_into_one_out_both_land(root, uninterrupted, tmp_path
         text=True,
     )
     try:
+        first = proc.stdout.readline()  # type: ignore[union-attr]
         header = proc.stdout.readline()  # type: ignore[union-attr]
-        assert header.startswith("weights:"), header
+        assert first.startswith("method:") and header.startswith("weights:"), first + header
         run_cli(bench_args(root, out, "weave"))
         _, stderr = proc.communicate(timeout=300)
     finally:
