@@ -425,9 +425,7 @@ class WinCLIP(nn.Module):
         """
         key = (float(text_weight), float(nn_weight))
         mem = self.memory
-        if isinstance(mem, WindowMemory):
-            return self._window_calibration(mem)
-        if mem is None or mem.train_nn_maps.numel() == 0:
+        if not isinstance(mem, NormalMemory) or mem.train_nn_maps.numel() == 0:
             raise MemoryBankError("no calibration data: build_normal_memory first")
         if key in mem.calibration_cache:
             return mem.calibration_cache[key]
@@ -446,14 +444,14 @@ class WinCLIP(nn.Module):
         mem.calibration_cache[key] = stats
         return stats
 
-    def _window_calibration(self, mem: WindowMemory) -> dict[str, Any]:
-        """``map_stats`` over foreground pixels of the references' leave-one-out maps."""
+    def _window_calibration(self, mem: WindowMemory) -> tuple[torch.Tensor, torch.Tensor]:
+        """(median, sigma) over foreground pixels of the references' leave-one-out maps."""
         if "map_stats" not in mem.calibration_cache:
             fg_work = mem.train_fg_masks.bool()
             size = (self.config.image_size, self.config.image_size)
             center, scale = robust_stats(upsample_maps(mem.train_maps, size)[fg_work])
             mem.calibration_cache["map_stats"] = (center.to(self.device), scale.to(self.device))
-        return {"map_stats": mem.calibration_cache["map_stats"]}
+        return mem.calibration_cache["map_stats"]
 
     # ---------------------------------------------------------- 01-04 detect
     @torch.inference_mode()
@@ -572,7 +570,7 @@ class WinCLIP(nn.Module):
             )
             mode = "per_image"
         if mode == "calibrated":
-            center, scale = self.calibration(0.0, 1.0)["map_stats"]
+            center, scale = self._window_calibration(self.memory)  # type: ignore[arg-type]
             normed = robust_normalize(raw_map, fg, center, scale)
         else:
             normed = robust_normalize(raw_map, fg)

@@ -20,7 +20,6 @@ is reported, so a busy machine slows all of them alike. Compare the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 
 from .config import DEFAULT_BATCH_SIZE, WINDOWS_IMAGE_SIZE
 from .errors import ConfigError, WinCLIPError
+from .speed import write_json
 
 DEFAULT_N_IMAGES = 8
 DEFAULT_REPEATS = 2
@@ -263,10 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_method_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {path}")
+        write_json(args.json, result)
     return 0
 
 

@@ -556,11 +556,17 @@ def run_speed_cli(args: argparse.Namespace) -> int:
         print(result["profile"])
     print(format_speed_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {path}")
+        write_json(args.json, result)
     return 0
+
+
+def write_json(path: str | os.PathLike, result: dict[str, Any]) -> Path:
+    """Write a speed result as indented JSON (folders created) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
