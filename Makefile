@@ -11,7 +11,7 @@ REFERENCE_ENV := WINCLIP_NB_REFERENCE=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES= M
 # The anomalib parity tests fail (instead of skipping) when the [parity] extra is missing.
 TEST_ENV := $(REFERENCE_ENV) WINCLIP_NB_REQUIRE_PARITY=1
 
-.PHONY: install test unit-test nbval benchmark notebooks speed speed-methods lint clean
+.PHONY: install test unit-test nbval benchmark notebooks speed speed-methods gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ speed: $(STAMP)
 ## make speed-methods: images/s of tokens vs windows vs anomalib's WinCLIP, one run
 speed-methods: $(STAMP)
 	$(PY) benchmarks/methods.py --device auto $(ARGS)
+
+## make gpu-check: throughput, memory and fp16 agreement on a GPU (benchmarks/gpu_check.py);
+## ARGS=--dry-run runs it on the CPU with tiny sizes (make test does)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check winclip_nb tests benchmarks

@@ -32,8 +32,10 @@ from .config import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_LAYERS,
     DEFAULT_MODEL_NAME,
+    DEFAULT_PRECISION,
     DEFAULT_PRETRAINED,
     DEFAULT_SEED,
+    PRECISIONS,
 )
 from .errors import ConfigError, DeviceError, WeightsError
 
@@ -78,6 +80,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             "(use device='cpu' or 'auto')"
         )
     return dev
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The backbone's dtype: ``auto`` is fp16 on CUDA and fp32 elsewhere.
+
+    >>> resolve_dtype("auto", torch.device("cpu")), resolve_dtype("fp16", torch.device("cpu"))
+    (torch.float32, torch.float16)
+    """
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in dtypes:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return dtypes[precision]
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -260,8 +276,9 @@ class ClipBackbone(nn.Module):
         pretrained: tag (``"openai"``), checkpoint path, ``"random"`` or ``"auto"``.
         layers: transformer blocks whose outputs are used (0-based).
         image_size: square input side in pixels.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. fp16 on CUDA, fp32 on CPU.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         seed: seed of a random-init model (ignored for pretrained weights).
+        precision: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``, ``"fp16"``, ``"bf16"``.
     """
 
     def __init__(
@@ -272,9 +289,11 @@ class ClipBackbone(nn.Module):
         image_size: int = DEFAULT_IMAGE_SIZE,
         device: str | torch.device = "auto",
         seed: int = DEFAULT_SEED,
+        precision: str = DEFAULT_PRECISION,
     ) -> None:
         super().__init__()
         self.device = resolve_device(device)
+        self.dtype = resolve_dtype(precision, self.device)
         model, tokenizer, weights = load_open_clip(
             model_name, pretrained, self.device, image_size, seed
         )
@@ -300,7 +319,6 @@ class ClipBackbone(nn.Module):
         self.grid_size: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
         self.embed_dim = int(visual.proj.shape[1])
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.model.to(self.dtype)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)

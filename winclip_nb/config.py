@@ -31,6 +31,10 @@ DEFAULT_LAYERS: tuple[int, ...] = (9, 10, 11)
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_DEVICE = "auto"
+#: Backbone precision: ``auto`` is fp16 on CUDA and fp32 on the CPU (half precision is
+#: slow on most CPUs); ``fp32``, ``fp16`` or ``bf16`` force one.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEFAULT_PRECISION = "auto"
 #: CLIP's RGB normalisation (the same for OpenAI and LAION checkpoints).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -86,6 +90,7 @@ class WinCLIPConfig:
     layers: tuple[int, ...] = DEFAULT_LAYERS
     image_size: int = DEFAULT_IMAGE_SIZE
     device: str = DEFAULT_DEVICE
+    precision: str = DEFAULT_PRECISION
     batch_size: int = DEFAULT_BATCH_SIZE
     text_temperature: float = DEFAULT_TEXT_TEMPERATURE
     coreset_ratio: float = DEFAULT_CORESET_RATIO
@@ -140,6 +145,8 @@ class WinCLIPConfig:
             raise ConfigError(f"layers must be distinct, got {list(self.layers)}")
         if self.image_size < 32:
             raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         check_coreset_ratio(self.coreset_ratio)

@@ -156,6 +156,7 @@ class WinCLIP(nn.Module):
             self.config.image_size,
             self.config.device,
             self.config.seed,
+            self.config.precision,
         )
         self.memory: NormalMemory | WindowMemory | None = None
         self.class_name: str | None = None
