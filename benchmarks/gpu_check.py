@@ -251,9 +251,9 @@ def section_files(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dic
     import shutil
 
     from torch.utils.data import DataLoader
+    from winclip_nb.benchmark import TestImageDataset, _collate
 
     from winclip_nb import WinCLIP
-    from winclip_nb.benchmark import TestImageDataset, _collate
     from winclip_nb.data import load_mvtec_class
 
     n_files, side = sizes["file_images"], sizes["file_size"]
@@ -508,10 +508,11 @@ def section_windows(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
 
 def section_explain(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
     """One detect_and_explain with a tiny random LLaVA-OneVision on the device."""
+    from winclip_nb.tiny_llava import build_tiny_llava
+
     from winclip_nb import WinCLIP, detect_and_explain
     from winclip_nb.data import list_images
     from winclip_nb.explain import LlavaExplainer
-    from winclip_nb.tiny_llava import build_tiny_llava
 
     root = _synthetic(tmp / "explain", 2, 8, 256)
     train = list_images(root / SPEED_CLASS / "train" / "good")

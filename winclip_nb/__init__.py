@@ -1,41 +1,53 @@
 """winclip_nb: zero-/few-shot industrial anomaly detection with CLIP, WinCLIP style.
 
-The package mirrors the notebooks, one module per stage:
+The package reads like the pipeline:
 
-====================  ==========================================================
-``backbone``  (01)    weights, open_clip model, multi-layer patch tokens
-``anchors``   (02)    prompt ensemble, text anchors, text map
-``memory``    (03)    k-center coreset, nearest-neighbour map, save/load
-``maps``      (04)    fusion, foreground, MAD normalisation, smoothing, hotspots
-``explain``   (05)    LLaVA-OneVision or rule-based reports
-``benchmark`` (06)    MVTec-AD protocol, metrics, result files
-====================  ==========================================================
-
-``WinCLIP`` (in ``detector``) runs stages 01-04; ``detect_and_explain`` adds 05.
+==================  ==========================================================================
+``core``            what the notebooks teach (stages 01-04 and 07), importing nothing else
+``winclip``         ``WinCLIP``: the core detector plus weights, image files and bank files
+``data``            image decoding, MVTec-AD / VisA / folder datasets, the synthetic set, files
+``hub``             weights: names, tags, files, caches; ``prefetch``
+``explain``         rule-based and LLaVA-OneVision explanations, reports (notebook 05)
+``bench``           benchmark protocol, result store, metrics, speed, anomalib parity (06)
+``nb``              notebook helpers, runner, figures, the interactive explorer
+``cli``             the ``winclip-nb`` command
+==================  ==========================================================================
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["WinCLIP", "WinCLIPConfig", "DetectionResult", "Hotspot", "detect_and_explain"]
+#: Public name -> the module that defines it (imported on first use: `import winclip_nb`
+#: stays light).
+_PUBLIC = {
+    "WinCLIP": "winclip",
+    "detect_and_explain": "explain.report",
+    "WinCLIPConfig": "core.config",
+    "DetectionResult": "core.results",
+    "Hotspot": "core.results",
+    "FittedClass": "core.detector",
+    "TextAnchors": "core.anchors",
+    **dict.fromkeys(
+        (
+            "WinCLIPError",
+            "ConfigError",
+            "DataError",
+            "ImageReadError",
+            "WeightsError",
+            "DeviceError",
+            "MemoryBankError",
+            "ExplainerError",
+        ),
+        "core.errors",
+    ),
+}
+__all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):  # lazy imports keep `import winclip_nb` light
-    if name == "WinCLIP":
-        from .detector import WinCLIP
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'winclip_nb' has no attribute {name!r}")
+    from importlib import import_module
 
-        return WinCLIP
-    if name == "WinCLIPConfig":
-        from .config import WinCLIPConfig
-
-        return WinCLIPConfig
-    if name in ("DetectionResult", "Hotspot"):
-        from . import results
-
-        return getattr(results, name)
-    if name == "detect_and_explain":
-        from .explain import detect_and_explain
-
-        return detect_and_explain
-    raise AttributeError(f"module 'winclip_nb' has no attribute {name!r}")
+    return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -2,7 +2,7 @@
 
 Subcommands::
 
-    winclip-nb benchmark [options]          MVTec-AD benchmark (see winclip_nb.benchmark)
+    winclip-nb benchmark [options]          MVTec-AD benchmark (see winclip_nb.bench)
     winclip-nb merge DIR [DIR ...] --out D  combine benchmark shards into one table
     winclip-nb explain IMAGE ... [options]  detect and explain single images
     winclip-nb run-notebooks [options]      execute the tutorial notebooks
@@ -23,10 +23,9 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from . import __version__
-from .errors import WinCLIPError
+from .core.errors import WinCLIPError
 
 PROG = "winclip-nb"
 EXIT_OK = 0
@@ -62,19 +61,19 @@ class _LazyCommand:
 
 LAZY_COMMANDS: dict[str, _LazyCommand] = {
     "explain": _LazyCommand(
-        "winclip_nb.explain",
+        "winclip_nb.explain.report",
         "add_explain_arguments",
         "run_explain_cli",
         "detect anomalies in images and explain them (LLaVA or rule-based)",
     ),
     "run-notebooks": _LazyCommand(
-        "winclip_nb.notebooks",
+        "winclip_nb.nb.runner",
         "add_run_notebooks_arguments",
         "run_notebooks_cli",
         "execute the tutorial notebooks",
     ),
     "bench-speed": _LazyCommand(
-        "winclip_nb.speed",
+        "winclip_nb.bench.speed",
         "add_speed_arguments",
         "run_speed_cli",
         "measure the detector's throughput",
@@ -98,34 +97,10 @@ def _add_global_flags(parser: argparse.ArgumentParser, *, top_level: bool) -> No
     )
 
 
-def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``winclip-nb prefetch``."""
-    from .config import DEFAULT_MODEL_NAME, DEFAULT_PRETRAINED
-
-    parser.add_argument("--model", default=DEFAULT_MODEL_NAME, help="open_clip model name")
-    parser.add_argument(
-        "--weights",
-        default=DEFAULT_PRETRAINED,
-        help="open_clip pretrained tag (or 'random' to skip the CLIP download)",
-    )
-    llava = parser.add_mutually_exclusive_group()
-    llava.add_argument(
-        "--llava-model",
-        default=None,
-        help="LLaVA-OneVision hub id (default: the explainer's default model)",
-    )
-    llava.add_argument("--no-llava", action="store_true", help="do not download LLaVA")
-    parser.add_argument(
-        "--mvtec-root",
-        default=None,
-        metavar="DIR",
-        help="check an MVTec-AD folder: every class loads, counts printed",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (lazy subcommands are listed; their options parse when they run)."""
-    from .benchmark import add_benchmark_arguments
+    from .bench.command import add_benchmark_arguments
+    from .hub.prefetch import add_prefetch_arguments, run_prefetch
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -164,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prefetch_arguments(prefetch)
     _add_global_flags(prefetch, top_level=False)
-    prefetch.set_defaults(handler=_run_prefetch)
+    prefetch.set_defaults(handler=run_prefetch)
 
     for name, command in LAZY_COMMANDS.items():
         sub.add_parser(name, help=command.help, add_help=False)
@@ -173,98 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------ handlers
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark_cli
+    from .bench.command import run_benchmark_cli
 
     return run_benchmark_cli(args)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .benchmark import format_table, merge_results
+    from .bench.report import format_table
+    from .bench.store import merge_results
 
     results = merge_results(args.dirs, args.out)
     print(format_table(results))
     print(f"\nmerged {len(results['classes'])} classes into {args.out}")
-    return EXIT_OK
-
-
-def _check_mvtec(root: str) -> None:
-    from .data import list_mvtec_classes, load_mvtec_class
-
-    names = list_mvtec_classes(root)
-    if not names:
-        from .errors import DataError
-
-        raise DataError(f"no MVTec-AD classes under {root}: expected <class>/train/good folders")
-    print(f"MVTec-AD at {root}: {len(names)} classes")
-    for name in names:
-        data = load_mvtec_class(root, name)
-        print(
-            f"  {name:<12} train {data.n_train:>4}  test {data.n_test:>4} "
-            f"(good {data.n_good}, defective {data.n_defective}, "
-            f"{len(data.defect_types)} defect types)"
-        )
-
-
-def _prefetch_clip(model_name: str, weights: str) -> None:
-    from .backbone import cached_tag_file, load_open_clip, resolve_weights
-
-    resolved = resolve_weights(model_name, weights)
-    if resolved.random:
-        print(f"CLIP: random init requested, nothing to download ({resolved.label})")
-        return
-    was_cached = bool(resolved.source and os.path.isfile(resolved.source))
-    load_open_clip(model_name, weights, "cpu")  # checks the file (or downloads it)
-    if was_cached:
-        print(f"CLIP {model_name}/{resolved.label}: already cached at {resolved.source}")
-        return
-    where = cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
-    print(f"CLIP {model_name}/{resolved.label}: cached at {where}")
-
-
-def _prefetch_llava(model_id: str) -> None:
-    from huggingface_hub import snapshot_download
-
-    from .backbone import hub_reachable
-    from .errors import WeightsError
-
-    if Path(model_id).expanduser().is_dir():
-        print(f"LLaVA: local folder {model_id}, nothing to download")
-        return
-    try:
-        path = snapshot_download(model_id, local_files_only=True)
-        print(f"LLaVA {model_id}: already cached at {path}")
-        return
-    except Exception:  # noqa: BLE001 - not cached yet: download below
-        pass
-    if not hub_reachable():
-        raise WeightsError(
-            f"cannot download LLaVA model {model_id}: the model hub is not reachable (offline, "
-            "or HF_HUB_OFFLINE is set); run prefetch on a machine with network access"
-        )
-    try:
-        path = snapshot_download(model_id)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise WeightsError(
-            f"cannot download LLaVA model {model_id}: {type(exc).__name__}: {first_line}"
-        ) from exc
-    print(f"LLaVA {model_id}: cached at {path}")
-
-
-def _run_prefetch(args: argparse.Namespace) -> int:
-    if args.mvtec_root:
-        _check_mvtec(args.mvtec_root)
-    _prefetch_clip(args.model, args.weights)
-    if not args.no_llava:
-        from .explain import DEFAULT_LLAVA_MODEL
-
-        _prefetch_llava(args.llava_model or DEFAULT_LLAVA_MODEL)
-    try:
-        from huggingface_hub import constants
-
-        print(f"Hugging Face cache: {constants.HF_HUB_CACHE}")
-    except ImportError:  # pragma: no cover - ships with open_clip
-        pass
     return EXIT_OK
 
 
@@ -330,4 +225,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-__all__ = ["LAZY_COMMANDS", "add_prefetch_arguments", "build_parser", "main"]
+__all__ = ["LAZY_COMMANDS", "build_parser", "main"]

@@ -22,30 +22,68 @@ transformer, so every window gets its own class-token embedding in the joint spa
 Shapes for ViT-B-16-plus-240 at 240 px: grid 15 x 15 = 225 patches, width 896,
 joint space 640; 196 windows of scale 2 and 169 of scale 3.
 
-Everything here is a pure function or a small ``nn.Module`` holding buffers; the
-detector (:class:`~winclip_nb.detector.WinCLIP` with ``method="windows"``) calls them.
+Everything here is a pure function, a small ``nn.Module`` holding buffers, or the
+:class:`WindowScorer` that the detector uses for ``method="windows"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (
-    DEFAULT_WINDOW_SCALES,
-    DEFAULT_WINDOW_TEMPERATURE,
-    WINDOWS_IMAGE_SIZE,
-    WINDOWS_MODEL_NAME,
-    WINDOWS_PRETRAINED,
-)
+from .anchors import TextAnchors, anomaly_probability, prompt_anchors
+from .calibration import Calibration
 from .errors import ConfigError, MemoryBankError
+from .memory import nearest_similarity
+from .runtime import batched
+from .scorers import Scorer, Scores
 
+#: WinCLIP's full compositional ensemble: the state and template lists of the paper's
+#: supplement as anomalib's ``prompting.py`` uses them, 7 x 21 normal and 4 x 21
+#: anomalous prompts. The repeated jpeg template is part of that list.
+WINCLIP_NORMAL_STATES: tuple[str, ...] = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+WINCLIP_ANOMALOUS_STATES: tuple[str, ...] = (
+    "damaged {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+)
+WINCLIP_TEMPLATES: tuple[str, ...] = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
+)
 #: Query rows per chunk in :func:`visual_association_score` (bounds memory).
 ASSOCIATION_CHUNK = 4096
 #: Scores below this are treated as this in the harmonic mean (1 / 0 would be inf).
@@ -76,7 +114,7 @@ def window_indices(grid_size: tuple[int, int], scale: int, stride: int = 1) -> t
     h, w = int(grid_size[0]), int(grid_size[1])
     if not 1 <= scale <= min(h, w):
         raise ConfigError(f"window scale must be between 1 and {min(h, w)} for a {h}x{w} grid, "
-                          f"got {scale}")  # fmt: skip
+                          f"got {scale}")
     if stride < 1:
         raise ConfigError(f"window stride must be >= 1, got {stride}")
     grid = torch.arange(h * w).view(h, w)
@@ -108,30 +146,6 @@ def window_coverage(windows: torch.Tensor, n_patches: int) -> torch.Tensor:
 # ======================================================================================
 # Scores and aggregation
 # ======================================================================================
-def class_scores(
-    embeddings: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    temperature: float = DEFAULT_WINDOW_TEMPERATURE,
-) -> torch.Tensor:
-    """Probability of the anomalous anchor: ``softmax(cos(e, [normal, anomalous]) / T)[1]``.
-
-    Neither input needs to be normalised (cosines are taken).
-
-    Args:
-        embeddings: (..., D). text_embeddings: (2, D), normal first.
-
-    Returns:
-        (...) values in (0, 1).
-
-    Example:
-        >>> e = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-        >>> class_scores(e, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), temperature=1.0)
-        tensor([0.2689, 0.7311])
-    """
-    cos = F.normalize(embeddings.float(), dim=-1) @ F.normalize(text_embeddings.float(), dim=-1).T
-    return (cos / temperature).softmax(dim=-1)[..., 1]
-
-
 def harmonic_aggregation(window_scores: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
     """Score of each patch = harmonic mean of the scores of the windows covering it.
 
@@ -192,15 +206,9 @@ def visual_association_score(
     """
     b, q, d = embeddings.shape
     queries = F.normalize(embeddings.float(), dim=-1).reshape(b * q, d)
-    refs_t = F.normalize(references.float(), dim=-1).T
     ids = None if query_groups is None else query_groups.repeat_interleave(q)
-    best = torch.empty(b * q, dtype=torch.float32, device=embeddings.device)
-    for start in range(0, b * q, chunk_size):
-        sim = queries[start : start + chunk_size] @ refs_t
-        if ids is not None and reference_groups is not None:
-            same = ids[start : start + chunk_size, None] == reference_groups[None].to(ids.device)
-            sim = sim.masked_fill(same, float("-inf"))
-        best[start : start + chunk_size] = sim.amax(dim=1)
+    best = nearest_similarity(queries, F.normalize(references.float(), dim=-1), chunk_size,
+                              ids, reference_groups)
     return ((1.0 - best) / 2.0).view(b, q)
 
 
@@ -223,7 +231,7 @@ class WindowEmbeddings:
 
 def _check_vision_tower(visual: nn.Module) -> None:
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer",
-              "ln_post", "proj")  # fmt: skip
+              "ln_post", "proj")
     missing = [name for name in needed if getattr(visual, name, None) is None]
     if missing:
         raise ConfigError(
@@ -254,7 +262,7 @@ class WindowEncoder(nn.Module):
         scales: window sides in patches.
     """
 
-    def __init__(self, visual: nn.Module, scales: Sequence[int] = DEFAULT_WINDOW_SCALES) -> None:
+    def __init__(self, visual: nn.Module, scales: Sequence[int]) -> None:
         super().__init__()
         _check_vision_tower(visual)
         if not scales or len(set(scales)) != len(scales):
@@ -320,7 +328,7 @@ def zero_shot_scores(
     text_embeddings: torch.Tensor,
     coverages: Sequence[torch.Tensor],
     grid_size: tuple[int, int],
-    temperature: float = DEFAULT_WINDOW_TEMPERATURE,
+    temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WinCLIP's zero-shot map and image score.
 
@@ -330,13 +338,15 @@ def zero_shot_scores(
     Returns:
         map (B, h, w) and image score (B,), both probabilities of "anomalous".
     """
-    image_score = class_scores(embeddings.image, text_embeddings, temperature)  # (B,)
+    image_score = anomaly_probability(embeddings.image, text_embeddings, temperature)  # (B,)
     b = image_score.shape[0]
     n = grid_size[0] * grid_size[1]
     per_scale = [image_score[:, None].expand(b, n)]
     for window_emb, cover in zip(embeddings.windows, coverages, strict=True):
         per_scale.append(
-            harmonic_aggregation(class_scores(window_emb, text_embeddings, temperature), cover)
+            harmonic_aggregation(
+                anomaly_probability(window_emb, text_embeddings, temperature), cover
+            )
         )
     return harmonic_mean(torch.stack(per_scale)).view(b, *grid_size), image_score
 
@@ -365,7 +375,7 @@ def few_shot_map(
             memory.patch_bank,
             query_groups,
             None if groups is None else groups["patches"],
-        )  # fmt: skip
+        )
     ]
     for i, (window_emb, cover) in enumerate(zip(embeddings.windows, coverages, strict=True)):
         ref_ids = None if groups is None else groups[f"windows_{i}"]
@@ -398,54 +408,31 @@ def combine_scores(
     return (zero_map + few_map) / 2, (zero_score + few_map.amax(dim=(-2, -1))) / 2
 
 
-class WindowMemory(nn.Module):
+@dataclass
+class WindowMemory:
     """WinCLIP+'s reference embeddings of k normal images (every patch and window kept).
 
-    Buffers:
-        patch_bank: (k * N, W) last-layer patch tokens.
-        window_bank_<i>: (k * n_windows_i, D) window embeddings of scale i.
-        train_maps: (k, h, w) leave-one-image-out maps of the references (k >= 2),
-            used by the ``calibrated`` normalisation; empty for k = 1.
-        train_fg_masks: (k, S, S) uint8 foreground masks of the references.
+    ``patch_bank`` (k * N, W): last-layer patch tokens; ``window_banks``: per scale a
+    (k * n_windows, D) tensor of window embeddings; ``n_references``: k.
     """
 
-    def __init__(
-        self,
-        patch_bank: torch.Tensor,
-        window_banks: Sequence[torch.Tensor],
-        n_references: int,
-        metadata: dict[str, Any],
-    ) -> None:
-        super().__init__()
-        if n_references < 1 or patch_bank.shape[0] % n_references:
-            raise MemoryBankError(
-                f"a window memory of {patch_bank.shape[0]} patches cannot hold "
-                f"{n_references} reference images"
-            )
-        self.n_references = int(n_references)
-        self.n_scales = len(window_banks)
-        self.register_buffer("patch_bank", patch_bank)
-        for i, bank in enumerate(window_banks):
-            self.register_buffer(f"window_bank_{i}", bank)
-        self.register_buffer("train_maps", torch.empty(0))
-        self.register_buffer("train_fg_masks", torch.empty(0, dtype=torch.uint8))
-        self.metadata = dict(metadata, method="windows", n_references=self.n_references)
-        #: Calibration statistics, filled by the detector (they belong to this memory).
-        self.calibration_cache: dict[str, Any] = {}
+    patch_bank: torch.Tensor
+    window_banks: list[torch.Tensor]
+    n_references: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_references < 1 or self.patch_bank.shape[0] % self.n_references:
+            raise MemoryBankError(f"a window memory of {self.patch_bank.shape[0]} patches "
+                                  f"cannot hold {self.n_references} reference images")
 
     @classmethod
-    def from_embeddings(
-        cls, embeddings: WindowEmbeddings, metadata: dict[str, Any]
-    ) -> WindowMemory:
+    def from_embeddings(cls, embeddings: WindowEmbeddings,
+                        metadata: dict[str, Any]) -> WindowMemory:
         """A memory holding every patch and window of the k reference images."""
         patches = embeddings.patches
         banks = [w.reshape(-1, w.shape[-1]) for w in embeddings.windows]
         return cls(patches.reshape(-1, patches.shape[-1]), banks, patches.shape[0], metadata)
-
-    @property
-    def window_banks(self) -> list[torch.Tensor]:
-        """(k * n_windows, D) reference window embeddings per scale."""
-        return [getattr(self, f"window_bank_{i}") for i in range(self.n_scales)]
 
     @property
     def size(self) -> int:
@@ -461,55 +448,87 @@ class WindowMemory(nn.Module):
             ids[f"windows_{i}"] = torch.arange(k, device=dev).repeat_interleave(bank.shape[0] // k)
         return ids
 
-    def check_layout(self, encoder: WindowEncoder) -> None:
-        """Refuse a memory made with other window scales than ``encoder``'s."""
-        scales = self.metadata.get("window_scales")
-        if scales is not None and tuple(scales) != encoder.scales:
-            raise MemoryBankError(
-                f"window memory was built with scales {tuple(scales)}, "
-                f"but this model uses {encoder.scales}"
-            )
 
-    def save(self, path: str | Path) -> Path:
-        """Write the memory to a ``.safetensors`` file (metadata in its header)."""
-        from .memory import save_bank
+class WindowScorer(Scorer):
+    """WinCLIP (zero-shot) and WinCLIP+ (k-shot) as a scorer.
 
-        return save_bank(self, path, self.metadata)
+    Branches: ``zero_shot_map`` (probability of "anomalous" from windows vs text) and
+    ``few_shot_map`` (distance to the references, with a memory). Their fusion is
+    WinCLIP's own, the mean of the two maps, so the fusion weights do not apply; the
+    image score is the mean of the zero-shot image score and the few-shot map's maximum.
+    Benchmark metrics use WinCLIP's map before post-processing (``raw_map``), as the
+    paper and anomalib do. Calibrated normalisation needs k >= 2 references (scored
+    leave one image out).
+    """
 
-    @classmethod
-    def load(cls, path: str | Path, expected: dict[str, Any] | None = None) -> WindowMemory:
-        """Read a memory saved by :meth:`save`; refuse one made with other settings."""
-        from .memory import read_bank
+    preset: ClassVar[dict[str, Any]] = {"model_name": "ViT-B-16-plus-240",
+                                        "image_size": 240,
+                                        "text_temperature": 0.07}
+    default_weights = "laion400m_e31"
+    branches = ("zero_shot_map", "few_shot_map")
+    memory_type = WindowMemory
+    scored_map = "raw_map"
+    min_calibration_images = 2
+    reference_implementation = "anomalib WinClipModel"
 
-        tensors, meta = read_bank(path, {"method": "windows", **(expected or {})}, ("patch_bank",))
-        n_scales = len(meta.get("window_scales") or [])
-        missing = [f"window_bank_{i}" for i in range(n_scales) if f"window_bank_{i}" not in tensors]
-        if missing:
-            raise MemoryBankError(f"{path} is not a window memory: tensors {missing} are missing")
-        banks = [tensors[f"window_bank_{i}"] for i in range(n_scales)]
-        memory = cls(tensors["patch_bank"], banks, int(meta["n_references"]), meta)
-        for name in ("train_maps", "train_fg_masks"):
-            if name in tensors:
-                setattr(memory, name, tensors[name])
-        return memory
+    def __init__(self, config: Any, backbone: Any) -> None:
+        super().__init__(config, backbone)
+        self.encoder = WindowEncoder(backbone.model.visual, config.window_scales)
+        self.grid_size = self.encoder.grid_size
 
+    def anchors(self, class_name: str) -> TextAnchors:
+        """WinCLIP's full ensemble; raw (unnormalised) prompt embeddings are averaged."""
+        return prompt_anchors(self.backbone.encode_text, class_name, WINCLIP_NORMAL_STATES,
+                              WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, normalize=False)
 
-__all__ = [
-    "DEFAULT_WINDOW_SCALES",
-    "DEFAULT_WINDOW_TEMPERATURE",
-    "WINDOWS_IMAGE_SIZE",
-    "WINDOWS_MODEL_NAME",
-    "WINDOWS_PRETRAINED",
-    "WindowEmbeddings",
-    "WindowEncoder",
-    "WindowMemory",
-    "class_scores",
-    "combine_scores",
-    "few_shot_map",
-    "harmonic_aggregation",
-    "harmonic_mean",
-    "visual_association_score",
-    "window_coverage",
-    "window_indices",
-    "zero_shot_scores",
-]
+    def embed(self, pixels: torch.Tensor, progress: bool = False) -> WindowEmbeddings:
+        """(n, 3, S, S) -> float32 :class:`WindowEmbeddings`, in batches."""
+        with torch.inference_mode():
+            parts = batched(self.encoder, pixels, self.config.batch_size, "windows", progress)
+        windows = zip(*(p.windows for p in parts), strict=True)
+        return WindowEmbeddings(torch.cat([p.image for p in parts]).float(),
+                                torch.cat([p.patches for p in parts]).float(),
+                                [torch.cat(ws).float() for ws in windows])
+
+    def fit(self, pixels: torch.Tensor, anchors: TextAnchors, fg_masks: torch.Tensor,
+            coreset_ratio: float, seed: int,
+            progress: bool) -> tuple[WindowMemory, Calibration | None]:
+        """Every patch and window of the k references; with k >= 2 their leave-one-image-out
+        maps for calibration."""
+        emb = self.embed(pixels, progress)
+        meta = {"n_images": len(pixels), "seed": seed, "window_scales": list(self.encoder.scales)}
+        memory = WindowMemory.from_embeddings(emb, meta)
+        if memory.n_references < self.min_calibration_images:
+            return memory, None
+        ids = torch.arange(memory.n_references, device=emb.image.device)
+        zero_map, _ = self._zero_shot(emb, anchors)
+        few = few_shot_map(emb, memory, self.encoder.coverages, self.grid_size, query_groups=ids)
+        maps = {"zero_shot_map": zero_map, "few_shot_map": few}
+        return memory, Calibration.from_normal_maps(maps, fg_masks)
+
+    def _zero_shot(self, emb: WindowEmbeddings,
+                   anchors: TextAnchors) -> tuple[torch.Tensor, torch.Tensor]:
+        text = anchors.stacked().to(emb.image.device, torch.float32)
+        return zero_shot_scores(emb, text, self.encoder.coverages, self.grid_size,
+                                self.config.text_temperature)
+
+    def score(self, pixels: torch.Tensor, anchors: TextAnchors,
+              memory: WindowMemory | None) -> Scores:
+        scales = self.encoder.scales
+        if memory is not None and tuple(memory.metadata.get("window_scales", scales)) != scales:
+            raise MemoryBankError(f"window memory was built with scales "
+                                  f"{tuple(memory.metadata['window_scales'])}, but this model "
+                                  f"uses {scales}")
+        emb = self.encoder(pixels)
+        zero_map, zero_score = self._zero_shot(emb, anchors)
+        branches = {"zero_shot_map": zero_map}
+        if memory is not None:
+            coverages = self.encoder.coverages
+            branches["few_shot_map"] = few_shot_map(emb, memory, coverages, self.grid_size)
+        _, image_score = combine_scores(zero_map, zero_score, branches.get("few_shot_map"))
+        return Scores(branches, zero_score, image_score)
+
+    def fuse(self, branches: dict[str, torch.Tensor], calibration: Calibration | None,
+             text_weight: float, nn_weight: float) -> torch.Tensor:
+        few = branches.get("few_shot_map")
+        return branches["zero_shot_map"] if few is None else (branches["zero_shot_map"] + few) / 2

@@ -1,7 +1,8 @@
 """Exception types. Every message names the offending path or value.
 
 The CLI turns any :class:`WinCLIPError` into one line on stderr and a non-zero
-exit code (a traceback only with ``--debug``).
+exit code (a traceback only with ``--debug``). All of them are importable from the
+package itself: ``from winclip_nb import ConfigError``.
 """
 
 from __future__ import annotations

@@ -43,23 +43,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE
-from .errors import ConfigError, WinCLIPError
+from ..core.anchors import TextAnchors
+from ..core.config import WinCLIPConfig, check_fields, number, setting
+from ..core.errors import WinCLIPError
+from ..options import add_config_arguments, config_changes
 
-#: Test images timed per pass.
-DEFAULT_N_IMAGES = 32
-#: Normal images in the memory bank (as in the reference setup: 50 images, 10 % coreset).
-DEFAULT_MEMORY_IMAGES = 50
-#: Timed passes of each path; medians are reported.
-DEFAULT_REPEATS = 3
-DEFAULT_WEIGHTS = "random"
 #: An object class, so the foreground mask (OpenCV) is part of the timed path.
 SPEED_CLASS = "disc"
 SYNTHETIC_SIZE = 256
@@ -97,36 +92,34 @@ REQUIRED_KEYS = (
 
 @dataclass
 class SpeedConfig:
-    """Settings of one speed run (see the module docstring)."""
+    """Settings of one speed run (see the module docstring): the detector's (``model``:
+    device, weights, batch size, input size, precision, seed) and the harness's."""
 
-    device: str = "auto"
-    weights: str = DEFAULT_WEIGHTS
-    batch_size: int = DEFAULT_BATCH_SIZE
-    threads: int | None = None
-    n_images: int = DEFAULT_N_IMAGES
-    memory_images: int = DEFAULT_MEMORY_IMAGES
-    image_size: int = DEFAULT_IMAGE_SIZE
-    repeats: int = DEFAULT_REPEATS
-    data_dir: str | None = None
-    seed: int = 0
-    #: ``"text"``: the class's prompt-ensemble anchors; ``"random"``: seeded random unit
-    #: vectors (skips encoding 144 prompts; detection costs the same either way).
-    anchors: str = "text"
-    profile: bool = False
+    model: WinCLIPConfig = field(default_factory=lambda: WinCLIPConfig(pretrained="random"))
+    n_images: int = setting(32, "test images timed per pass", number(1, integer=True))
+    memory_images: int = setting(
+        50, "normal images in the memory bank (10 % coreset)", number(1, integer=True)
+    )
+    repeats: int = setting(
+        3, "timed passes of each path (medians are reported)", number(1, integer=True)
+    )
+    threads: int | None = setting(
+        None, "torch CPU threads (default: torch's current)", number(1, integer=True, optional=True)
+    )
+    data_dir: str | None = setting(
+        None, "folder for the synthetic images (kept and reused; default: a temporary folder)"
+    )
+    anchors: str = setting(
+        "text",
+        "text: the class's prompt anchors; random: seeded random "
+        "unit vectors (skips text encoding)",
+        choices=ANCHOR_MODES,
+    )
+    profile: bool = setting(False, "print a cProfile of one detect pass")
 
     def validate(self) -> SpeedConfig:
         """Raise :class:`ConfigError` naming the first bad setting; return self."""
-        for name in ("batch_size", "n_images", "memory_images", "repeats"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be an integer >= 1 or None, got {self.threads!r}")
-        if self.anchors not in ANCHOR_MODES:
-            raise ConfigError(f"anchors must be one of {ANCHOR_MODES}, got {self.anchors!r}")
-        if self.image_size < 32:
-            raise ConfigError(f"image_size must be >= 32, got {self.image_size}")
-        return self
+        return check_fields(self)
 
 
 # ------------------------------------------------------------------ measurements
@@ -198,7 +191,7 @@ def _torch_threads(n_threads: int | None) -> Iterator[int]:
 
 def _synthetic_paths(root: Path, cfg: SpeedConfig) -> tuple[list[Path], list[Path]]:
     """(memory image paths, test image paths) of a synthetic set written under ``root``."""
-    from .data import SYNTHETIC_DEFECTS, load_mvtec_class, make_synthetic_mvtec
+    from ..data import SYNTHETIC_DEFECTS, load_mvtec_class, make_synthetic_mvtec
 
     per_defect = max(1, math.ceil(cfg.n_images / 2 / len(SYNTHETIC_DEFECTS)))
     make_synthetic_mvtec(
@@ -235,15 +228,20 @@ def _profile_detect(fn: Callable[[], Any], top: int = PROFILE_TOP) -> str:
     return text.getvalue()
 
 
-def _anchors(winclip: Any, cfg: SpeedConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normal, anomalous) anchors: the class's text anchors or seeded random unit vectors."""
-    if cfg.anchors == "text":
-        return winclip.build_text_anchors(SPEED_CLASS)
-    winclip.class_name = SPEED_CLASS
-    gen = torch.Generator().manual_seed(cfg.seed)
+def random_anchors(winclip: Any, class_name: str, seed: int) -> TextAnchors:
+    """Seeded random unit anchors for ``class_name``: the speed of a forward pass does not
+    depend on the text, and these skip encoding the prompt ensemble."""
+    gen = torch.Generator().manual_seed(seed)
     pair = torch.randn(2, winclip.backbone.embed_dim, generator=gen)
     pair = torch.nn.functional.normalize(pair, dim=-1).to(winclip.device)
-    return pair[0], pair[1]
+    return TextAnchors(pair[0], pair[1], class_name)
+
+
+def _anchors(winclip: Any, cfg: SpeedConfig) -> TextAnchors:
+    """The class's text anchors, or seeded random unit vectors (``cfg.anchors``)."""
+    if cfg.anchors == "text":
+        return winclip.build_text_anchors(SPEED_CLASS)
+    return random_anchors(winclip, SPEED_CLASS, cfg.model.seed)
 
 
 def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -256,13 +254,14 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
     Returns:
         A dict with every key of :data:`REQUIRED_KEYS` plus raw samples and extras.
     """
-    from .backbone import resolve_device
-    from .detector import WinCLIP
-    from .memory import coreset_size, greedy_coreset
+    from ..core.memory import coreset_size, greedy_coreset
+    from ..core.runtime import resolve_device
+    from ..winclip import WinCLIP
 
     cfg.validate()
+    model_cfg = cfg.model
     say = log or (lambda _msg: None)
-    device = resolve_device(cfg.device)
+    device = resolve_device(model_cfg.device)
     with _torch_threads(cfg.threads) as threads, contextlib.ExitStack() as stack:
         if cfg.data_dir is None:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="winclip_speed_")))
@@ -270,15 +269,10 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
             root = Path(cfg.data_dir)
         memory_paths, test_paths = _synthetic_paths(root, cfg)
 
-        say(f"model: ViT-B-16 ({cfg.weights}) on {device}, {threads} CPU threads")
+        weights = model_cfg.pretrained
+        say(f"model: {model_cfg.model_name} ({weights}) on {device}, {threads} CPU threads")
         start = time.perf_counter()
-        winclip = WinCLIP(
-            device=str(device),
-            pretrained=cfg.weights,
-            image_size=cfg.image_size,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
+        winclip = WinCLIP(config=model_cfg.replace(device=str(device)))
         model_load_s = time.perf_counter() - start
         start = time.perf_counter()
         anchors = _anchors(winclip, cfg)
@@ -287,18 +281,19 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         # --- memory: build, then its parts measured on their own
         say(f"memory bank from {len(memory_paths)} images")
         memory_build_s = _timed(
-            lambda: winclip.build_normal_memory(
-                memory_paths, *anchors, seed=cfg.seed, progress=False
-            ),
-            device,
+            lambda: winclip.build_normal_memory(memory_paths, *anchors, progress=False), device
         )
         cal = winclip.config
-        calibration_s = _timed(lambda: winclip.calibration(cal.text_weight, cal.nn_weight), device)
-        memory_resized = [winclip.prepare(path)[0] for path in memory_paths]
+        memory_resized = np.stack([winclip.prepare(path)[0] for path in memory_paths])
         extracted: dict[str, torch.Tensor] = {}
 
         def extract() -> None:
-            extracted["tokens"] = winclip.extract(memory_resized, cfg.batch_size)[0]
+            bs = cal.batch_size
+            parts = [
+                winclip.backbone(memory_resized[i : i + bs])[0]
+                for i in range(0, len(memory_resized), bs)
+            ]
+            extracted["tokens"] = torch.cat(parts)
 
         feature_extract_s = _timed(extract, device)
         tokens = extracted.pop("tokens")
@@ -307,7 +302,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         del tokens
 
         def select() -> None:
-            greedy_coreset(flat, cal.coreset_ratio, cal.coreset_projection_dim, cfg.seed)
+            greedy_coreset(flat, cal.coreset_ratio, cal.coreset_projection_dim, cal.seed)
 
         coreset_runs = [_timed(select, device) for _ in range(cfg.repeats)]
         n_picks = coreset_size(flat.shape[0], cal.coreset_ratio)
@@ -315,7 +310,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         # --- throughput: A (backbone) B (detect) C (detect from files), interleaved per
         # batch, so the three paths of one batch see the same machine load.
         test_resized = [winclip.prepare(path)[0] for path in test_paths]
-        bs = cfg.batch_size
+        bs = cal.batch_size
         starts = range(0, len(test_paths), bs)
         batches = [np.stack(test_resized[i : i + bs]) for i in starts]
         path_batches = [test_paths[i : i + bs] for i in starts]
@@ -395,7 +390,6 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         "feature_extract_s": round(feature_extract_s, 6),
         "coreset_fraction": round(coreset_fraction, 4),
         "memory_build_s": round(memory_build_s, 4),
-        "calibration_s": round(calibration_s, 4),
         "model_load_s": round(model_load_s, 3),
         "anchors": cfg.anchors,
         "anchors_s": round(text_anchors_s, 3),
@@ -404,12 +398,12 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         "machine": machine_info(device),
         "device": str(device),
         "backbone_dtype": backbone_dtype,
-        "batch_size": cfg.batch_size,
+        "batch_size": cal.batch_size,
         "threads": threads,
         "weights": weights_label,
         "random_weights": random_weights,
         "torch_version": torch.__version__,
-        "image_size": cfg.image_size,
+        "image_size": cal.image_size,
         "n_images": n,
         "memory_images": len(memory_paths),
         "memory_patches": n_img * n_patch,
@@ -421,7 +415,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] | None = None) -> dic
         | {"coreset": [round(t, 6) for t in coreset_runs]},
         "targets": targets,
         "targets_met": all(t["pass"] for t in targets.values() if t["applies"]),
-        "config": asdict(cfg),
+        "config": {**cal.to_dict(), **{k: v for k, v in vars(cfg).items() if k != "model"}},
     }
     if profile_text is not None:
         result["profile"] = profile_text
@@ -452,7 +446,6 @@ def format_speed_table(result: dict[str, Any]) -> str:
             f"{result['coreset_s']:.3f} s",
         ),
         ("  coreset / feature extraction", f"{result['coreset_fraction']:.3f}"),
-        ("  calibration statistics", f"{result['calibration_s']:.3f} s"),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MiB"),
         ("peak GPU memory (detection)", "n/a" if gpu is None else f"{gpu:.0f} MiB"),
     ]
@@ -485,68 +478,30 @@ def format_speed_table(result: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------- CLI
+#: The detector settings a speed run takes from the command line.
+MODEL_OPTIONS = (
+    "device",
+    "pretrained",
+    "model_name",
+    "batch_size",
+    "image_size",
+    "precision",
+    "seed",
+)
+
+
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``winclip-nb bench-speed`` and ``benchmarks/throughput.py``."""
-    parser.add_argument(
-        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run"
-    )
-    parser.add_argument(
-        "--weights",
-        default=DEFAULT_WEIGHTS,
-        help="random | openai (or another open_clip tag) | checkpoint PATH | auto "
-        "(default: random; speed does not depend on the weights)",
-    )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's current)"
-    )
-    parser.add_argument(
-        "--n-images", type=int, default=DEFAULT_N_IMAGES, help="test images timed per pass"
-    )
-    parser.add_argument(
-        "--memory-images",
-        type=int,
-        default=DEFAULT_MEMORY_IMAGES,
-        help="normal images in the memory bank (10%% coreset)",
-    )
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help="timed passes of each path (median)"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="folder for the synthetic images (kept and reused; default: a temporary folder)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--anchors",
-        default="text",
-        choices=ANCHOR_MODES,
-        help="text: the class's prompt anchors (default); random: skip text encoding",
-    )
-    parser.add_argument(
-        "--profile", action="store_true", help="print a cProfile of one detect pass"
-    )
+    """Options of ``winclip-nb bench-speed`` and ``benchmarks/throughput.py`` (weights
+    default to random here: speed does not depend on them)."""
+    add_config_arguments(parser, SpeedConfig)
+    add_config_arguments(parser, WinCLIPConfig, only=MODEL_OPTIONS)
     parser.add_argument("--json", default=None, metavar="PATH", help="write the result here")
 
 
 def config_from_args(args: argparse.Namespace) -> SpeedConfig:
     """A :class:`SpeedConfig` from parsed :func:`add_speed_arguments` options."""
-    return SpeedConfig(
-        device=args.device,
-        weights=args.weights,
-        batch_size=args.batch_size,
-        threads=args.threads,
-        n_images=args.n_images,
-        memory_images=args.memory_images,
-        image_size=args.image_size,
-        repeats=args.repeats,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        anchors=args.anchors,
-        profile=args.profile,
-    )
+    model = WinCLIPConfig(**{"pretrained": "random", **config_changes(args, WinCLIPConfig)})
+    return SpeedConfig(model=model, **config_changes(args, SpeedConfig))
 
 
 def run_speed_cli(args: argparse.Namespace) -> int:

@@ -2,10 +2,10 @@
 
 :func:`explorer` shows class and image pickers, a text/NN weight slider, the smoothing
 sigma, the hotspot threshold and the normalisation mode, and redraws the heat map and
-the hotspot boxes live. The backbone runs once per image: patch tokens, text map and
-NN map are cached, and every control change only repeats the cheap steps (fusion,
-upsampling, normalisation, smoothing, hotspots), the same ones
-:meth:`winclip_nb.detector.WinCLIP.detect_resized` runs.
+the hotspot boxes live, for any method. The scorer runs once per image (its branch maps
+are cached), and every control change only repeats the cheap steps (fusion, upsampling,
+normalisation, smoothing, hotspots) through the detector's own
+:meth:`~winclip_nb.core.detector.Detector.postprocess`.
 
 Without a notebook frontend (papermill, nbval, ``WINCLIP_NB_REFERENCE=1`` or
 ``WINCLIP_NB_HEADLESS=1``) it draws one static figure instead of the widget.
@@ -28,23 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .anchors import global_text_score, text_map
-from .config import (
-    DEFAULT_HOTSPOT_THRESHOLD,
-    DEFAULT_NORMALIZATION,
-    DEFAULT_SIGMA,
-    DEFAULT_TEXT_WEIGHT,
-    NORMALIZATION_MODES,
-    check_fusion_weights,
-)
-from .data import class_kind
-from .errors import ConfigError
-from .maps import (
-    find_hotspots,
-    foreground_mask,
-)
-from .notebooks import headless
-from .results import Hotspot
+from ..core.anchors import TextAnchors
+from ..core.config import NORMALIZATION_MODES, WinCLIPConfig
+from ..core.detector import FittedClass
+from ..core.errors import ConfigError
+from ..core.maps import find_hotspots
+from ..core.results import Hotspot
+from .helpers import headless
 
 #: Slider ranges: (min, max, step).
 SIGMA_RANGE = (0.0, 16.0, 0.5)
@@ -52,11 +42,17 @@ THRESHOLD_RANGE = (0.0, 12.0, 0.25)
 WEIGHT_STEP = 0.05
 PANEL_SIZE = 3.6
 
-#: A class's set-up: (normal_anchor, anomalous_anchor) or (normal, anomalous, memory);
-#: with a memory (a NormalMemory, or None for zero-shot) the explorer installs it in the
-#: detector whenever that class is selected.
-ClassSetup = tuple
+#: A class's set-up: its :class:`FittedClass`, or (normal_anchor, anomalous_anchor) for
+#: zero-shot; given per class or by a callback ``class_name -> set-up``.
+ClassSetup = FittedClass | tuple
 AnchorSource = Mapping[str, ClassSetup] | Callable[[str], ClassSetup]
+#: Explorer controls -> the config fields they set (``nn_weight`` follows ``text_weight``).
+CONTROLS = {
+    "text_weight": "text_weight",
+    "sigma": "sigma",
+    "threshold": "hotspot_threshold",
+    "normalization": "normalization",
+}
 
 
 def has_frontend() -> bool:
@@ -73,18 +69,28 @@ def has_frontend() -> bool:
 
 @dataclass
 class ExplorerState:
-    """The explorer's settings. ``nn_weight`` is ``1 - text_weight``."""
+    """The explorer's selection and settings: a class, an image and a detector config
+    (fusion weights, sigma, hotspot threshold, normalisation), checked by the config."""
 
     class_name: str
     image_index: int = 0
-    text_weight: float = DEFAULT_TEXT_WEIGHT
-    sigma: float = DEFAULT_SIGMA
-    threshold: float = DEFAULT_HOTSPOT_THRESHOLD
-    normalization: str = DEFAULT_NORMALIZATION
+    config: WinCLIPConfig = dataclasses.field(default_factory=WinCLIPConfig)
 
     @property
-    def nn_weight(self) -> float:
-        return round(1.0 - self.text_weight, 6)
+    def text_weight(self) -> float:
+        return self.config.text_weight
+
+    def changed(self, **changes: Any) -> ExplorerState:
+        """A new state; control names (see ``CONTROLS``) change the config."""
+        unknown = set(changes) - set(CONTROLS) - {"class_name", "image_index"}
+        if unknown:
+            raise ConfigError(f"unknown explorer settings: {sorted(unknown)}")
+        settings = {CONTROLS[k]: v for k, v in changes.items() if k in CONTROLS}
+        if "text_weight" in settings:
+            settings["nn_weight"] = round(1.0 - float(settings["text_weight"]), 6)
+        config = self.config.replace(**settings) if settings else self.config
+        picks = {k: v for k, v in changes.items() if k in ("class_name", "image_index")}
+        return dataclasses.replace(self, config=config, **picks)
 
 
 def _image_label(item: Any, index: int) -> str:
@@ -97,14 +103,17 @@ def _image_label(item: Any, index: int) -> str:
 class Explorer:
     """State, cached branch maps and drawing behind :func:`explorer`.
 
+    Works for every method through the scorer interface: the scorer's branch maps are
+    computed once per image, and every control change only repeats the detector's
+    post-processing (fusion, upsampling, normalisation, smoothing, score) and hotspots.
+
     Args:
         winclip: a :class:`winclip_nb.WinCLIP`.
-        anchors_by_class: class -> set-up tuple (see ``ClassSetup``), or a callback
-            ``class_name -> set-up tuple`` called once per class (e.g. one that builds
-            the anchors and the normal memory).
+        anchors_by_class: class -> set-up (its :class:`FittedClass`, or a pair of anchors for
+            zero-shot), or a callback ``class_name -> set-up`` called once per class.
         images_by_class: class -> images (paths, arrays or PIL images).
-        masks: optional class -> ground-truth masks (paths or (H, W) bool arrays, None
-            for good images), drawn as contours.
+        masks: optional class -> ground-truth masks (paths or (H, W) bool arrays, None for
+            good images), drawn as contours.
     """
 
     def __init__(
@@ -122,10 +131,9 @@ class Explorer:
         self.images_by_class = {k: list(v) for k, v in images_by_class.items()}
         self.masks = {k: list(v) for k, v in (masks or {}).items()}
         first = next(k for k, v in self.images_by_class.items() if v)
-        self.state = state or ExplorerState(class_name=first)
-        self._setups: dict[str, ClassSetup] = {}
+        self.state = state or ExplorerState(class_name=first, config=winclip.config)
+        self._fitted: dict[str, FittedClass] = {}
         self._branches: dict[tuple[str, int], dict[str, Any]] = {}
-        self._active_class: str | None = None
         self.output: Any = None  # ipywidgets.Output once widget() was called
         self.controls: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
@@ -140,58 +148,38 @@ class Explorer:
         n = len(self.images_by_class[state.class_name])
         if not 0 <= state.image_index < n:
             raise ConfigError(f"image_index must be in 0..{n - 1}, got {state.image_index}")
-        if not 0.0 <= state.text_weight <= 1.0:
-            raise ConfigError(f"text_weight must be in [0, 1], got {state.text_weight}")
-        check_fusion_weights(state.text_weight, state.nn_weight)
-        if state.sigma < 0:
-            raise ConfigError(f"sigma must be >= 0, got {state.sigma}")
-        if state.normalization not in NORMALIZATION_MODES:
-            raise ConfigError(
-                f"normalization must be one of {NORMALIZATION_MODES}, got {state.normalization!r}"
-            )
 
-    def _activate(self, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anchors of ``class_name``; installs its memory in the detector if it has one."""
-        if class_name not in self._setups:
+    def fitted(self, class_name: str) -> FittedClass:
+        """The class's :class:`FittedClass` (set up on first use)."""
+        if class_name not in self._fitted:
             source = self.anchors_by_class
             setup = source(class_name) if callable(source) else source[class_name]
-            if len(setup) not in (2, 3):
-                raise ConfigError(
-                    f"set-up for {class_name!r} must be (normal, anomalous[, memory]), "
-                    f"got {len(setup)} items"
-                )
-            self._setups[class_name] = tuple(setup)
-        setup = self._setups[class_name]
-        if len(setup) == 3 and self._active_class != class_name:
-            self.winclip.memory = setup[2]  # its calibration statistics travel with it
-        self.winclip.class_name = class_name
-        self._active_class = class_name
-        return setup[0], setup[1]
+            if not isinstance(setup, FittedClass):
+                if len(setup) != 2:
+                    raise ConfigError(
+                        f"set-up for {class_name!r} must be a FittedClass or "
+                        f"(normal, anomalous) anchors, got {len(setup)} items"
+                    )
+                setup = FittedClass(TextAnchors(setup[0], setup[1], class_name))
+            self._fitted[class_name] = setup
+        return self._fitted[class_name]
 
     # ---------------------------------------------------------------- compute
     @torch.inference_mode()
     def _branch_maps(self, class_name: str, index: int) -> dict[str, Any]:
-        """Cached per (class, image): resized image, text/NN maps (1, h, w), fg (1, S, S)."""
+        """Cached per (class, image): the resized image, the scorer's output, foreground."""
         key = (class_name, index)
-        normal, anomalous = self._activate(class_name)
         if key not in self._branches:
-            wc = self.winclip
+            wc, fitted = self.winclip, self.fitted(class_name)
             resized, _ = wc.prepare(self.images_by_class[class_name][index])
-            texture = class_kind(class_name) == "texture"
-            fg = foreground_mask(resized, wc.config.fg_threshold, texture)
-            tokens, embedding = wc.backbone(resized[None])
-            h, w = wc.grid_size
-            na, aa = normal.to(tokens), anomalous.to(tokens)
-            temperature = wc.config.text_temperature
-            memory = wc.memory
+            fg = wc.foreground(resized[None], fitted.class_name, self.state.config.fg_threshold)
+            scores = wc.scorer.score(
+                wc.backbone.to_pixels(resized[None]), fitted.anchors, fitted.memory
+            )
             self._branches[key] = {
                 "resized": resized,
-                "fg": torch.from_numpy(fg)[None].to(wc.device),
-                "text_map": text_map(tokens, na, aa, temperature).view(1, h, w),
-                "text_score": global_text_score(embedding, na, aa, temperature),
-                "nn_map": None
-                if memory is None
-                else memory.nn_map(tokens, wc.config.nn_chunk_size).view(1, h, w),
+                "scores": scores,
+                "fg": torch.from_numpy(fg).to(wc.device),
             }
         return self._branches[key]
 
@@ -201,43 +189,28 @@ class Explorer:
 
         Returns ``{"resized" (S, S, 3) uint8, "anomaly_map" (S, S), "fused_map" (h, w),
         "fg_mask" (S, S) bool, "score", "hotspots", "normalization"}`` (the mode actually
-        used: ``per_image`` in zero-shot).
+        used: ``per_image`` without calibration statistics).
         """
         state = state or self.state
         self._validate(state)
         branch = self._branch_maps(state.class_name, state.image_index)
-        wc = self.winclip
-        cfg = wc.config
-        out = wc.postprocess(
-            branch["text_map"],
-            branch["nn_map"],
-            branch["fg"],
-            branch["text_score"],
-            state.text_weight,
-            state.nn_weight,
-            state.normalization,
-            state.sigma,
+        out = self.winclip.postprocess(
+            branch["scores"], branch["fg"], self.fitted(state.class_name), state.config
         )
-        smoothed, fg, fused, mode = (
-            out["anomaly_map"],
-            out["fg_mask"],
-            out["fused_map"],
-            out["normalization"],
-        )
-        score = float(out["score"][0])
-        anomaly_map = smoothed[0].float().cpu().numpy()
-        fg_np = fg[0].cpu().numpy()
+        cfg = state.config
+        anomaly_map = out["anomaly_map"][0].float().cpu().numpy()
+        fg_np = out["fg_mask"][0].cpu().numpy()
         hotspots: list[Hotspot] = find_hotspots(
-            anomaly_map, state.threshold, cfg.top_k, cfg.min_hotspot_area, fg_np
+            anomaly_map, cfg.hotspot_threshold, cfg.top_k, cfg.min_hotspot_area, fg_np
         )
         return {
             "resized": branch["resized"],
             "anomaly_map": anomaly_map,
-            "fused_map": fused[0].float().cpu().numpy(),
+            "fused_map": out["fused_map"][0].float().cpu().numpy(),
             "fg_mask": fg_np,
-            "score": score,
+            "score": float(out["score"][0]),
             "hotspots": hotspots,
-            "normalization": mode,
+            "normalization": out["normalization"],
         }
 
     def _mask(self, class_name: str, index: int, size: int) -> np.ndarray | None:
@@ -246,7 +219,7 @@ class Explorer:
             return None
         import cv2
 
-        from .data import load_mask
+        from ..data.images import load_mask
 
         item = masks[index]
         mask = load_mask(item) if isinstance(item, (str, os.PathLike)) else np.asarray(item)
@@ -257,7 +230,7 @@ class Explorer:
         """A :class:`matplotlib.figure.Figure`: image with boxes, heat map, fused patch map."""
         from matplotlib.figure import Figure
 
-        from .viz import draw_boxes, overlay_heatmap, random_weights_banner
+        from .figures import draw_boxes, overlay_heatmap, random_weights_banner
 
         state = state or self.state
         out = self.compute(state)
@@ -277,10 +250,15 @@ class Explorer:
         axes[2].set_title("fused map (patch grid)")
         axes[2].set_axis_off()
         label = _image_label(self.images_by_class[state.class_name][state.image_index], 0)
+        cfg = state.config
+        weights = (
+            f"text {cfg.text_weight:.2f} / NN {cfg.nn_weight:.2f} | "
+            if self.winclip.scorer.uses_fusion_weights
+            else f"{cfg.method} | "
+        )
         fig.suptitle(
-            f"{state.class_name} {label} | text {state.text_weight:.2f} / NN "
-            f"{state.nn_weight:.2f} | sigma {state.sigma:g} | z > {state.threshold:g} | "
-            f"{out['normalization']}",
+            f"{state.class_name} {label} | {weights}sigma {cfg.sigma:g} | "
+            f"z > {cfg.hotspot_threshold:g} | {out['normalization']}",
             fontsize=10,
         )
         if getattr(self.winclip, "random_weights", False):
@@ -290,15 +268,13 @@ class Explorer:
     def update(self, **changes: Any) -> Any:
         """The widgets' callback: change settings, recompute, redraw; returns the figure.
 
-        ``changes`` are :class:`ExplorerState` fields. Changing the class resets the
-        image index to 0. Invalid values raise :class:`ConfigError` and keep the state.
+        ``changes``: ``class_name``, ``image_index`` or a control (``text_weight``,
+        ``sigma``, ``threshold``, ``normalization``). Changing the class resets the image
+        index to 0. Invalid values raise :class:`ConfigError` and keep the state.
         """
-        unknown = set(changes) - {f.name for f in dataclasses.fields(ExplorerState)}
-        if unknown:
-            raise ConfigError(f"unknown explorer settings: {sorted(unknown)}")
         if "class_name" in changes and changes["class_name"] != self.state.class_name:
             changes.setdefault("image_index", 0)
-        new_state = dataclasses.replace(self.state, **changes)
+        new_state = self.state.changed(**changes)
         self._validate(new_state)
         self.state = new_state
         fig = self.draw()
@@ -315,7 +291,7 @@ class Explorer:
         """The ipywidgets UI (a VBox); each control calls :meth:`update`."""
         import ipywidgets as widgets
 
-        s = self.state
+        s, cfg = self.state, self.state.config
         style = {"description_width": "90px"}
         classes = widgets.Dropdown(
             options=list(self.images_by_class), value=s.class_name, description="class"
@@ -324,7 +300,8 @@ class Explorer:
             options=self._image_options(s.class_name), value=s.image_index, description="image"
         )
         weight = widgets.FloatSlider(
-            value=s.text_weight,
+            value=cfg.text_weight,
+            disabled=not self.winclip.scorer.uses_fusion_weights,
             min=0.0,
             max=1.0,
             step=WEIGHT_STEP,
@@ -334,7 +311,7 @@ class Explorer:
             readout_format=".2f",
         )
         sigma = widgets.FloatSlider(
-            value=s.sigma,
+            value=cfg.sigma,
             min=SIGMA_RANGE[0],
             max=SIGMA_RANGE[1],
             step=SIGMA_RANGE[2],
@@ -343,7 +320,7 @@ class Explorer:
             continuous_update=False,
         )
         threshold = widgets.FloatSlider(
-            value=s.threshold,
+            value=cfg.hotspot_threshold,
             min=THRESHOLD_RANGE[0],
             max=THRESHOLD_RANGE[1],
             step=THRESHOLD_RANGE[2],
@@ -352,7 +329,7 @@ class Explorer:
             continuous_update=False,
         )
         mode = widgets.ToggleButtons(
-            options=list(NORMALIZATION_MODES), value=s.normalization, description="normalise"
+            options=list(NORMALIZATION_MODES), value=cfg.normalization, description="normalise"
         )
         self.output = widgets.Output()
 
@@ -416,8 +393,8 @@ def explorer(
         images_by_class: class -> list of images.
         masks: optional class -> list of ground-truth masks (None for good images).
         interactive: None -> :func:`has_frontend`; False forces the static figure.
-        initial: starting :class:`ExplorerState` fields (``class_name``, ``image_index``,
-            ``text_weight``, ``sigma``, ``threshold``, ``normalization``).
+        initial: starting ``class_name``, ``image_index`` and controls (``text_weight``,
+            ``sigma``, ``threshold``, ``normalization``).
 
     Returns:
         The :class:`Explorer` (its ``update`` is the widgets' callback).
@@ -425,8 +402,8 @@ def explorer(
     from IPython.display import display
 
     first = next((k for k, v in images_by_class.items() if len(v)), None)
-    state = ExplorerState(class_name=initial.pop("class_name", first), **initial)
-    ex = Explorer(winclip, anchors_by_class, images_by_class, masks, state)
+    state = ExplorerState(class_name=initial.pop("class_name", first), config=winclip.config)
+    ex = Explorer(winclip, anchors_by_class, images_by_class, masks, state.changed(**initial))
     if interactive is None:
         interactive = has_frontend()
     if interactive:

@@ -1,23 +1,21 @@
-"""Stage 04: fusion, upsampling, foreground mask, robust normalisation, smoothing,
-image score and hotspots (notebook 04).
+"""Stage 04: fusion, foreground, upsampling, robust normalisation, smoothing, image score
+and hotspots (notebook 04).
 
 Common scale before fusion
-    The text map is a probability and the NN map a distance, so their raw values
-    are not comparable. Each is first turned into a robust z-score with the median
-    and MAD of the same map on the normal training images (computed leave one image
-    out, so a training patch never matches itself): ``z = (x - median) / (1.4826 MAD)``.
-    The fused map is ``text_weight * z_text + nn_weight * z_nn`` divided by the sum
-    of the weights, so "1" means one robust sigma of normal variation in either branch.
-    Without a memory (zero-shot) the text map is used alone.
+    The text map is a probability and the NN map a distance, so their raw values are not
+    comparable. Each is first turned into a robust z-score with the median and MAD of the
+    same map on the normal images (:mod:`~winclip_nb.core.calibration`):
+    ``z = (x - median) / (1.4826 MAD)``. The fused map is ``text_weight * z_text +
+    nn_weight * z_nn`` divided by the sum of the weights, so "1" means one robust sigma
+    of normal variation in either branch.
 
 Normalisation modes (after upsampling, over foreground pixels)
-    ``per_image``: median and MAD of the image's own foreground pixels. Every image
-    gets the same centre and spread, so scores rank pixels *within* an image.
-    ``calibrated``: median and MAD of the fused maps of the normal training images,
-    so z = 3 means "3 robust sigmas above normal" and scores compare across images.
+    ``per_image``: median and MAD of the image's own foreground pixels, so scores rank
+    pixels *within* an image. ``calibrated``: median and MAD of the fused maps of the
+    normal images, so z = 3 means "3 robust sigmas above normal" in every image.
 
 Image score
-    Mean of the top ``score_top_fraction`` (1 %) of foreground pixels of the final map.
+    Mean of the top fraction (1 %) of foreground pixels of the final map.
 """
 
 from __future__ import annotations
@@ -31,19 +29,17 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .config import (
-    DEFAULT_FG_THRESHOLD,
-    DEFAULT_HOTSPOT_THRESHOLD,
-    DEFAULT_MIN_HOTSPOT_AREA,
-    DEFAULT_SCORE_TOP_FRACTION,
-    DEFAULT_TOP_K,
-)
 from .results import Hotspot
+
+Stats = tuple[torch.Tensor, torch.Tensor]
 
 #: 1.4826 * MAD estimates the standard deviation of normally distributed data.
 MAD_TO_SIGMA = 1.4826
 #: Spreads below this count as zero (constant maps): then z = 0, never inf or NaN.
 MIN_SCALE = 1e-6
+#: Classes photographed as a surface filling the image: all foreground, no mask (the
+#: MVTec-AD textures and the synthetic ``weave``).
+TEXTURE_CLASSES = frozenset({"carpet", "grid", "leather", "tile", "wood", "weave"})
 #: Foreground masks are computed at this side length at most (speed), then resized.
 FG_WORK_SIZE = 256
 #: Border width, as a fraction of the side, sampled for the background colour.
@@ -52,9 +48,15 @@ FG_BORDER_FRACTION = 0.04
 FG_MIN_FRACTION = 0.02
 #: Components smaller than this fraction of the largest one are dropped.
 FG_KEEP_RELATIVE = 0.1
-#: Maps up to this side are smoothed by two matrix products (BLAS, far faster than a
-#: one-channel convolution on CPU); larger ones by a separable convolution.
-SMOOTH_MATMUL_MAX_SIDE = 1024
+
+
+def is_texture(class_name: str | None) -> bool:
+    """True for texture classes (no foreground mask), case-insensitive.
+
+    >>> is_texture("Carpet"), is_texture("screw"), is_texture(None)
+    (True, False, False)
+    """
+    return class_name is not None and str(class_name).strip().lower() in TEXTURE_CLASSES
 
 
 def robust_stats(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +79,9 @@ def robust_stats(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return median, torch.clamp(scale, min=MIN_SCALE)
 
 
-def fuse_maps(
-    text_map: torch.Tensor,
-    nn_map: torch.Tensor | None,
-    text_weight: float,
-    nn_weight: float,
-    text_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-    nn_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> torch.Tensor:
+def fuse_maps(text_map: torch.Tensor, nn_map: torch.Tensor | None, text_weight: float,
+              nn_weight: float, text_stats: Stats | None = None,
+              nn_stats: Stats | None = None) -> torch.Tensor:
     """Weighted mean of the text and NN maps after bringing both to z-scores.
 
     Args:
@@ -102,36 +99,26 @@ def fuse_maps(
         >>> fuse_maps(t, n, 0.5, 0.5, stats, (torch.tensor(0.1), torch.tensor(0.1)))
         tensor([[[0., 2.]]])
     """
+    z_text = zscore(text_map, text_stats)
+    if nn_map is None:
+        return z_text
+    z_nn = zscore(nn_map, nn_stats)
+    return (text_weight * z_text + nn_weight * z_nn) / (text_weight + nn_weight)
 
-    def scaled(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        if stats is None:
-            return x
-        center, scale = stats
-        return (x - center.to(x)) / scale.to(x)
 
-    if nn_map is None or nn_weight == 0:
-        return scaled(text_map, text_stats)
-    if text_weight == 0:
-        return scaled(nn_map, nn_stats)
-    total = text_weight + nn_weight
-    return (text_weight * scaled(text_map, text_stats) + nn_weight * scaled(nn_map, nn_stats)) / (
-        total
-    )
+def zscore(x: torch.Tensor, stats: Stats | None) -> torch.Tensor:
+    """``(x - median) / sigma`` with the given (median, sigma); None keeps ``x`` as it is."""
+    return x if stats is None else (x - stats[0].to(x)) / stats[1].to(x)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling (B, h, w) -> (B, H, W)."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[
-        :, 0
-    ]
+    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)
+    return up[:, 0]
 
 
-def robust_normalize(
-    maps: torch.Tensor,
-    fg_masks: torch.Tensor,
-    center: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+def robust_normalize(maps: torch.Tensor, fg_masks: torch.Tensor, center: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """Robust z-scores over foreground pixels; background set to the image's minimum.
 
     ``per_image`` mode: leave ``center``/``scale`` None and each map uses the median
@@ -183,9 +170,8 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 @lru_cache(maxsize=32)
-def _smoothing_matrix(
-    size: int, sigma: float, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def _smoothing_matrix(size: int, sigma: float, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
     """(size, size) matrix M with ``M @ x`` = 1-D Gaussian blur of the columns of ``x``.
 
     The padding of :func:`gaussian_smooth` is folded in: reflect (without repeating the
@@ -214,36 +200,25 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps with reflect padding; sigma 0 = identity.
 
     The radius is ceil(3 sigma); beyond ``side - 1`` pixels the padding replicates the
-    edge. Maps up to :data:`SMOOTH_MATMUL_MAX_SIDE` are blurred as ``M_h @ x @ M_w^T``
-    with cached banded matrices (one batched product per axis, on any device).
+    edge. The blur is ``M_h @ x @ M_w^T`` with cached banded matrices: one batched matrix
+    product per axis on any device (far faster than a one-channel convolution on a CPU).
+
+    Example:
+        >>> x = torch.zeros(1, 5, 5); x[0, 2, 2] = 1.0
+        >>> y = gaussian_smooth(x, 1.0)
+        >>> round(float(y.sum()), 4), bool(y[0, 2, 2] == y.max())
+        (1.0, True)
     """
     if sigma <= 0:
         return maps
     height, width = maps.shape[-2:]
     dtype = maps.dtype if maps.is_floating_point() else torch.float32
-    if max(height, width) <= SMOOTH_MATMUL_MAX_SIDE:
-        rows = _smoothing_matrix(height, float(sigma), maps.device, dtype)
-        cols = _smoothing_matrix(width, float(sigma), maps.device, dtype)
-        return torch.matmul(torch.matmul(rows, maps.to(dtype)), cols.T)
-    kernel = gaussian_kernel1d(sigma).to(maps.device, dtype)
-    radius = kernel.numel() // 2
-    x = maps.to(dtype)[:, None]
-    pad_h = min(radius, height - 1)
-    pad_w = min(radius, width - 1)
-    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if pad_w > 0 else "replicate")
-    x = F.pad(x, (radius - pad_w, radius - pad_w, 0, 0), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect" if pad_h > 0 else "replicate")
-    x = F.pad(x, (0, 0, radius - pad_h, radius - pad_h), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
-    return x[:, 0]
+    rows = _smoothing_matrix(height, float(sigma), maps.device, dtype)
+    cols = _smoothing_matrix(width, float(sigma), maps.device, dtype)
+    return torch.matmul(torch.matmul(rows, maps.to(dtype)), cols.T)
 
 
-def image_scores(
-    maps: torch.Tensor,
-    fg_masks: torch.Tensor,
-    top_fraction: float = DEFAULT_SCORE_TOP_FRACTION,
-) -> torch.Tensor:
+def image_scores(maps: torch.Tensor, fg_masks: torch.Tensor, top_fraction: float) -> torch.Tensor:
     """Mean of the top ``top_fraction`` of foreground pixels per map.
 
     Args:
@@ -270,70 +245,65 @@ def image_scores(
     return top.sum(dim=1) / k_each.float()
 
 
-def foreground_mask(
-    image: np.ndarray,
-    threshold: float = DEFAULT_FG_THRESHOLD,
-    texture: bool = False,
-) -> np.ndarray:
+def foreground_mask(image: np.ndarray, threshold: float) -> np.ndarray:
     """Foreground of an object photographed on a plain background (OpenCV).
 
-    The background colour is the median of a thin border (in Lab); a pixel is
-    foreground when its colour distance from it exceeds ``threshold`` times the
-    largest distance in the image. Closing, hole filling and dropping small
-    components clean the mask. Texture classes (and masks that fail: under 2 % of
-    the image) are all foreground.
+    The background colour is the median of a thin border (in Lab); a pixel is foreground
+    when its colour distance from it exceeds ``threshold`` times the largest distance in
+    the image. Closing, hole filling and dropping small components clean the mask. A
+    mask that fails (under 2 % of the image) is all foreground. Texture classes need no
+    mask at all (:func:`is_texture`).
 
     Args:
         image: (H, W, 3) uint8 RGB.
 
     Returns:
         (H, W) bool.
+
+    Example:
+        >>> img = np.full((64, 64, 3), 200, np.uint8); img[16:48, 16:48] = 40
+        >>> mask = foreground_mask(img, 0.1)
+        >>> bool(mask[32, 32]), bool(mask[2, 2])
+        (True, False)
     """
     h, w = image.shape[:2]
-    if texture:
-        return np.ones((h, w), dtype=bool)
     scale = min(1.0, FG_WORK_SIZE / max(h, w))
-    small = (
-        image
-        if scale == 1.0
-        else cv2.resize(
-            image,
-            (max(1, round(w * scale)), max(1, round(h * scale))),
-            interpolation=cv2.INTER_AREA,
-        )
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
     )
-    sh, sw = small.shape[:2]
-    lab = cv2.cvtColor(cv2.GaussianBlur(small, (5, 5), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
-    b = max(1, round(FG_BORDER_FRACTION * min(sh, sw)))
-    border = np.concatenate(
-        [
-            lab[:b].reshape(-1, 3),
-            lab[-b:].reshape(-1, 3),
-            lab[:, :b].reshape(-1, 3),
-            lab[:, -b:].reshape(-1, 3),
-        ]
-    )
-    distance = np.linalg.norm(lab - np.median(border, axis=0), axis=2)
+    distance = _background_distance(small)
     peak = float(distance.max())
     if peak <= 0:
         return np.ones((h, w), dtype=bool)
-    mask = (distance > threshold * peak).astype(np.uint8)
-    k = max(3, round(0.03 * min(sh, sw)) | 1)
+    mask = _clean_mask((distance > threshold * peak).astype(np.uint8))
+    if mask.mean() < FG_MIN_FRACTION:
+        return np.ones((h, w), dtype=bool)
+    if mask.shape != (h, w):
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return mask.astype(bool)
+
+
+def _background_distance(image: np.ndarray) -> np.ndarray:
+    """(H, W) Lab distance of each (blurred) pixel from the median colour of the border."""
+    lab = cv2.cvtColor(cv2.GaussianBlur(image, (5, 5), 0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    b = max(1, round(FG_BORDER_FRACTION * min(lab.shape[:2])))
+    border = np.concatenate([lab[:b].reshape(-1, 3), lab[-b:].reshape(-1, 3),
+                             lab[:, :b].reshape(-1, 3), lab[:, -b:].reshape(-1, 3)])
+    return np.linalg.norm(lab - np.median(border, axis=0), axis=2)
+
+
+def _clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Close gaps, fill holes, keep components of at least 10 % of the largest, dilate."""
+    k = max(3, round(0.03 * min(mask.shape)) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
-    mask = fill_holes(mask)
+    mask = fill_holes(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel))
     n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     if n > 1:
         areas = stats[:, cv2.CC_STAT_AREA]
         keep = areas >= FG_KEEP_RELATIVE * areas[1:].max()
         keep[0] = False  # label 0 is the background
         mask = keep.astype(np.uint8)[labels]
-    mask = cv2.dilate(mask, kernel)
-    if mask.mean() < FG_MIN_FRACTION:
-        return np.ones((h, w), dtype=bool)
-    if (sh, sw) != (h, w):
-        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-    return mask.astype(bool)
+    return cv2.dilate(mask, kernel)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -361,13 +331,8 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return (framed[1:-1, 1:-1] != 2).astype(np.uint8)
 
 
-def find_hotspots(
-    anomaly_map: np.ndarray,
-    threshold: float = DEFAULT_HOTSPOT_THRESHOLD,
-    top_k: int = DEFAULT_TOP_K,
-    min_area_fraction: float = DEFAULT_MIN_HOTSPOT_AREA,
-    fg_mask: np.ndarray | None = None,
-) -> list[Hotspot]:
+def find_hotspots(anomaly_map: np.ndarray, threshold: float, top_k: int, min_area_fraction: float,
+                  fg_mask: np.ndarray | None = None) -> list[Hotspot]:
     """Top-K connected regions of ``anomaly_map > threshold``, by peak value.
 
     Args:
@@ -389,9 +354,7 @@ def find_hotspots(
     if top_k <= 0 or not above.any():
         return []
     h, w = values.shape
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(
-        above.astype(np.uint8), connectivity=8
-    )
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(above.astype(np.uint8))
     index = np.arange(1, n)
     areas = stats[1:, cv2.CC_STAT_AREA]
     peaks = np.asarray(ndimage.maximum(values, labels, index), dtype=np.float64)
@@ -401,14 +364,7 @@ def find_hotspots(
     hotspots = []
     for i in order:
         x, y, bw, bh = (int(v) for v in stats[i + 1, :4])
-        hotspots.append(
-            Hotspot(
-                box=(x, y, x + bw, y + bh),
-                peak=float(peaks[i]),
-                mean=float(means[i]),
-                area=int(areas[i]),
-                area_fraction=float(areas[i]) / (h * w),
-                centroid=(float(centroids[i + 1][0]), float(centroids[i + 1][1])),
-            )
-        )
+        centroid = (float(centroids[i + 1][0]), float(centroids[i + 1][1]))
+        hotspots.append(Hotspot((x, y, x + bw, y + bh), float(peaks[i]), float(means[i]),
+                                int(areas[i]), float(areas[i]) / (h * w), centroid))
     return hotspots

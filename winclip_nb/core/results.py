@@ -29,40 +29,38 @@ class Hotspot:
     area_fraction: float
     centroid: tuple[float, float]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "box": [int(v) for v in self.box],
-            "peak": round(float(self.peak), 4),
-            "mean": round(float(self.mean), 4),
-            "area": int(self.area),
-            "area_fraction": round(float(self.area_fraction), 6),
-            "centroid": [round(float(v), 2) for v in self.centroid],
-        }
-
 
 @dataclass
 class DetectionResult:
     """What :meth:`winclip_nb.WinCLIP.detect` returns for one image.
 
-    Shapes: ``anomaly_map`` and ``fg_mask`` are (H, W) at the input image's own
-    resolution; ``text_map``, ``nn_map`` and ``fused_map`` are (h, w) on the
-    model's patch grid (14 x 14 for ViT-B/16 at 224 px). ``nn_map`` is ``None``
-    in zero-shot mode (no normal memory).
+    ``anomaly_map`` and ``fg_mask`` are (H, W) at the input image's own resolution, the
+    map in robust z-scores. ``branch_maps`` holds the method's maps on the patch grid
+    (14 x 14 for ViT-B/16 at 224 px) by name: ``text_map`` and ``nn_map`` (no ``nn_map``
+    in zero-shot mode) for the token method, ``zero_shot_map`` and ``few_shot_map`` for
+    the windows method; ``fused_map`` is the grid map the post-processing started from.
+    ``text_score`` is the image embedding's probability of "anomalous" against the text
+    anchors; ``extras`` holds method-specific values (e.g. ``raw_score``).
     """
 
     anomaly_map: np.ndarray
     score: float
-    text_map: np.ndarray
-    nn_map: np.ndarray | None
     fused_map: np.ndarray
     fg_mask: np.ndarray
     hotspots: list[Hotspot]
-    text_score: float
     normalization: str
     random_weights: bool
+    branch_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    text_score: float | None = None
+    method: str = "tokens"
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(H, W) of the input image."""
-        return tuple(self.anomaly_map.shape[:2])  # type: ignore[return-value]
+    def text_map(self) -> np.ndarray | None:
+        """(h, w) per-patch probability of "anomalous" from the text anchors (tokens)."""
+        return self.branch_maps.get("text_map")
+
+    @property
+    def nn_map(self) -> np.ndarray | None:
+        """(h, w) distance to the nearest normal patch (tokens; None in zero-shot mode)."""
+        return self.branch_maps.get("nn_map")

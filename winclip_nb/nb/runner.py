@@ -1,20 +1,9 @@
-"""Helpers for the tutorial notebooks: set-up, reference mode, headless runs.
+"""Running the notebooks headless: ``winclip-nb run-notebooks`` (papermill) and the source
+hash that ties the committed notebooks to the package sources they ran with.
 
-Every notebook calls :func:`setup` right after its ``parameters`` cell. Outside
-reference mode it passes the parameters through (``weights="auto"``: pretrained when
-cached or reachable, else random init with a visible banner). With the environment
-variable ``WINCLIP_NB_REFERENCE=1`` it forces the deterministic *reference mode*:
-offline, random weights, the synthetic dataset, CPU, fixed seeds and thread count.
-The committed notebooks are executed in reference mode, so their stored outputs can
-be compared exactly by ``pytest --nbval``.
-
-:func:`run_notebooks` executes the series with papermill (``winclip-nb run-notebooks``);
-``in_place=True, reference=True`` regenerates the committed notebooks and stamps each
+:func:`run_notebooks` executes the series with papermill; ``in_place=True,
+reference=True`` regenerates the committed notebooks (``make notebooks``) and stamps each
 with :func:`source_hash` of the package, which the tests compare with the sources.
-
-Example:
-    >>> env = setup(weights="random", device="cpu", data_root=None)  # doctest: +SKIP
-    winclip_nb 0.1.0 | weights random | device cpu | data synthetic: disc, weave, washer | ...
 """
 
 from __future__ import annotations
@@ -23,7 +12,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import random
 import sys
 import tempfile
 import time
@@ -31,215 +19,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ..core.errors import ConfigError, DataError
+from .helpers import HEADLESS_ENV_VAR, REFERENCE_CPU_KERNELS, REFERENCE_ENV_VAR
 
-from . import __version__
-from .config import DEFAULT_SEED
-from .errors import ConfigError, DataError
-
-#: ``1`` forces reference mode: offline, random weights, synthetic data, CPU.
-REFERENCE_ENV_VAR = "WINCLIP_NB_REFERENCE"
-#: ``1`` means no notebook frontend (papermill, nbval, CI): widgets fall back to figures.
-HEADLESS_ENV_VAR = "WINCLIP_NB_HEADLESS"
-#: Torch threads in reference mode (same reduction order on every machine).
-REFERENCE_THREADS = 2
-#: CPU kernel paths fixed in reference mode (environment variables, read when MKL and
-#: oneDNN run their first kernel): MKL's reproducibility branch and oneDNN's instruction
-#: set. Without them each library picks kernels for the CPU at hand (AVX-512, AVX2, ...),
-#: and those round differently, so stored outputs made on one machine differ from a
-#: rerun on another in the last digits. An AVX2 CPU runs the same kernels either way.
-REFERENCE_CPU_KERNELS = {"MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-#: JPEG quality of inline figures in reference mode (committed notebooks).
-INLINE_JPEG_QUALITY = 85
-#: Class used when ``class_name`` is not given.
-DEFAULT_NOTEBOOK_CLASS = "disc"
 #: Notebook files of the series: two digits, underscore, name.
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+
 #: Default folder for executed copies (``run_notebooks`` without ``in_place``).
 DEFAULT_RUN_DIR = "executed_notebooks"
+
 DEFAULT_KERNEL = "python3"
+
 #: Notebook metadata key holding the source hash and run settings.
 METADATA_KEY = "winclip_nb"
+
 #: Cell metadata written by papermill / nbclient that changes on every run.
 VOLATILE_CELL_METADATA = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
+
 VOLATILE_NOTEBOOK_METADATA = ("papermill", "widgets")
+
 #: Output types whose text may name local paths.
 TEXT_MIME_TYPES = ("text/plain", "text/html", "text/markdown")
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
-def reference_mode() -> bool:
-    """True when ``WINCLIP_NB_REFERENCE`` is set to 1/true/yes/on."""
-    return _env_flag(REFERENCE_ENV_VAR)
-
-
-def headless() -> bool:
-    """True when no notebook frontend can show widgets (reference mode or papermill runs)."""
-    return reference_mode() or _env_flag(HEADLESS_ENV_VAR)
-
-
-def work_dir(name: str) -> Path:
-    """A folder for a notebook's output files, inside the package cache (created).
-
-    ``$WINCLIP_NB_CACHE/notebooks/<name>``, else ``~/.cache/winclip_nb/notebooks/<name>``.
-    """
-    from .data import CACHE_ENV_VAR
-
-    cache = os.environ.get(CACHE_ENV_VAR)
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "winclip_nb"
-    folder = base / "notebooks" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def _choose_class(root: Path, class_name: str | None) -> str:
-    """``class_name`` if the dataset has it; a default synthetic name falls back to the first."""
-    from .data import SYNTHETIC_CLASSES, list_mvtec_classes
-
-    available = list_mvtec_classes(root)
-    if not available:
-        raise DataError(f"no classes (<class>/train/good folders) found under {root}")
-    if class_name in available:
-        return str(class_name)
-    if class_name is None or class_name in SYNTHETIC_CLASSES:
-        chosen = available[0]
-        if class_name is not None:
-            print(f"class {class_name!r} is not in this dataset; using {chosen!r}")
-        return chosen
-    raise DataError(
-        f"class {class_name!r} not found under {root}; available: {', '.join(available)}"
-    )
-
-
-def setup(
-    weights: str | os.PathLike | None = "auto",
-    device: str = "auto",
-    data_root: str | os.PathLike | None = None,
-    class_name: str | None = None,
-    *,
-    seed: int = DEFAULT_SEED,
-    threads: int | None = None,
-    verbose: bool = True,
-) -> dict[str, Any]:
-    """Resolve a notebook's parameters, seed everything and print a one-line banner.
-
-    Args:
-        weights: ``"auto"``, an open_clip tag, a checkpoint path or ``"random"``.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
-        data_root: an MVTec-AD style folder; None or ``""`` -> the synthetic dataset
-            (written on first use to :func:`winclip_nb.data.default_synthetic_root`).
-        class_name: class to use; None or a synthetic name missing from the data ->
-            the dataset's first class.
-        threads: torch CPU threads (None: torch's default; reference mode: 2).
-
-    In reference mode (``WINCLIP_NB_REFERENCE=1``) weights, device and data are forced
-    to ``"random"``, ``"cpu"`` and the synthetic set, ``HF_HUB_OFFLINE=1`` is set, and
-    inline figures are stored as JPEG (see :func:`compact_inline_figures`).
-
-    Returns:
-        ``{"reference", "weights", "device", "data_root" (Path), "synthetic",
-        "class_name", "seed", "threads"}``.
-    """
-    import torch
-
-    from .data import default_synthetic_root, is_synthetic_root, make_synthetic_mvtec
-
-    reference = reference_mode()
-    if reference:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        for name, value in REFERENCE_CPU_KERNELS.items():
-            os.environ.setdefault(name, value)
-        weights, device, data_root = "random", "cpu", None
-        threads = REFERENCE_THREADS
-        compact_inline_figures()
-    if threads is not None:
-        torch.set_num_threads(max(1, int(threads)))
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-    if data_root is None or str(data_root).strip() == "":
-        root = make_synthetic_mvtec(default_synthetic_root())
-    else:
-        root = Path(data_root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data_root is not a folder: {root}")
-    synthetic = is_synthetic_root(root)
-    chosen = _choose_class(root, class_name or DEFAULT_NOTEBOOK_CLASS)
-    env = {
-        "reference": reference,
-        "weights": "random" if weights is None else str(weights),
-        "device": str(device),
-        "data_root": root,
-        "synthetic": synthetic,
-        "class_name": chosen,
-        "seed": int(seed),
-        "threads": torch.get_num_threads(),
-    }
-    if verbose:
-        print(banner(env))
-    return env
-
-
-def compact_inline_figures(quality: int = INLINE_JPEG_QUALITY) -> bool:
-    """Store inline matplotlib figures as JPEG instead of PNG; True if applied.
-
-    The synthetic images are noisy, so PNG figures of them take hundreds of kB each;
-    JPEG keeps the committed notebooks small. Only inside an IPython kernel.
-    """
-    try:
-        from IPython import get_ipython
-        from matplotlib_inline.backend_inline import set_matplotlib_formats
-    except ImportError:
-        return False
-    if get_ipython() is None:
-        return False
-    set_matplotlib_formats("jpeg", pil_kwargs={"quality": int(quality)})
-    return True
-
-
-def banner(env: Mapping[str, Any]) -> str:
-    """The one-line summary :func:`setup` prints (no paths, so it is stable).
-
-    Example:
-        >>> banner({"reference": True, "weights": "random", "device": "cpu",
-        ...         "synthetic": True, "class_name": "disc", "seed": 0})  # doctest: +ELLIPSIS
-        'winclip_nb ... | REFERENCE MODE (offline, random weights, synthetic data, CPU) | ...'
-    """
-    data = "synthetic data" if env["synthetic"] else "data_root"
-    if env["reference"]:
-        mode = "REFERENCE MODE (offline, random weights, synthetic data, CPU)"
-    else:
-        mode = f"weights {env['weights']} | device {env['device']} | {data}"
-    return f"winclip_nb {__version__} | {mode} | class {env['class_name']} | seed {env['seed']}"
-
-
-def weights_banner(winclip: Any) -> str:
-    """What weights a detector uses; the RANDOM WEIGHTS warning when it is random-init."""
-    from .results import RANDOM_WEIGHTS_BANNER
-
-    line = f"model {winclip.config.model_name}, weights: {winclip.weights_label}"
-    if winclip.random_weights:
-        line += f"\n{'!' * 72}\n{RANDOM_WEIGHTS_BANNER}\n{'!' * 72}"
-    return line
-
-
-def pick_test_samples(data: Any, n_good: int = 1, n_per_defect: int = 1) -> list[Any]:
-    """The first ``n_good`` good test samples, then the first ``n_per_defect`` of each defect.
-
-    Args:
-        data: a :class:`winclip_nb.data.ClassData`.
-    """
-    from .data import GOOD
-
-    picked = [s for s in data.test if s.defect == GOOD][:n_good]
-    for defect in data.defect_types:
-        picked += [s for s in data.test if s.defect == defect][:n_per_defect]
-    return picked
 
 
 # --------------------------------------------------------------------- source hash
@@ -250,7 +50,7 @@ def source_hash(package_dir: str | os.PathLike | None = None) -> str:
     committed notebooks store this in ``metadata["winclip_nb"]["source_hash"]``; a
     mismatch means they were executed with other package sources.
     """
-    base = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
+    base = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     files = sorted(
         (p for p in base.rglob("*.py") if "__pycache__" not in p.parts),
@@ -265,7 +65,7 @@ def source_hash(package_dir: str | os.PathLike | None = None) -> str:
 # ------------------------------------------------------------------ headless runs
 def notebooks_dir() -> Path:
     """The ``notebooks/`` folder of the source checkout the package was installed from."""
-    folder = Path(__file__).resolve().parent.parent / "notebooks"
+    folder = Path(__file__).resolve().parents[2] / "notebooks"
     if not folder.is_dir():
         raise DataError(
             f"notebooks folder not found: {folder} (run from a source checkout, "
@@ -518,25 +318,3 @@ def run_notebooks_cli(args: argparse.Namespace) -> int:
         kernel_name=args.kernel,
     )
     return 0
-
-
-__all__ = [
-    "HEADLESS_ENV_VAR",
-    "REFERENCE_ENV_VAR",
-    "add_run_notebooks_arguments",
-    "banner",
-    "compact_inline_figures",
-    "finalize_notebook",
-    "headless",
-    "notebooks_dir",
-    "parse_parameter_value",
-    "pick_test_samples",
-    "reference_mode",
-    "run_notebooks",
-    "run_notebooks_cli",
-    "select_notebooks",
-    "setup",
-    "source_hash",
-    "weights_banner",
-    "work_dir",
-]

@@ -25,14 +25,14 @@ from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 from PIL import Image
 
-from .config import DEFAULT_HOTSPOT_THRESHOLD
-from .results import RANDOM_WEIGHTS_BANNER, Hotspot
+from ..core.config import DEFAULTS
+from ..core.results import RANDOM_WEIGHTS_BANNER, Hotspot
 
 DEFAULT_CMAP = "jet"
 DEFAULT_ALPHA = 0.5
 #: Upper end of the colour scale for z-score maps is at least this many robust sigmas,
 #: so a normal image (max z ~ 2) stays blue instead of being stretched to full red.
-MIN_Z_DISPLAY_MAX = 2.0 * DEFAULT_HOTSPOT_THRESHOLD
+MIN_Z_DISPLAY_MAX = 2.0 * DEFAULTS.hotspot_threshold
 BOX_COLOUR = "red"
 BOX_LINEWIDTH = 2.0
 DEFAULT_DPI = 120
