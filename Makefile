@@ -4,33 +4,44 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-# Reference mode: offline, random weights, synthetic data, CPU (see winclip_nb/notebooks.py).
-# MKL_CBWR, ONEDNN_MAX_CPU_ISA: the same CPU kernels on every machine (notebooks.REFERENCE_CPU_KERNELS).
+# Two installs, each with its own stamp: the runtime (make install, make benchmark) and the
+# development extras on top of it (make test: pytest, nbval, ruff, playwright, anomalib).
+STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
+# Reference mode: offline, random weights, synthetic data, CPU (see winclip_nb/nb/helpers.py).
+# MKL_CBWR, ONEDNN_MAX_CPU_ISA: the same CPU kernels on every machine (REFERENCE_CPU_KERNELS).
 REFERENCE_ENV := WINCLIP_NB_REFERENCE=1 HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES= MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2
 # The anomalib parity tests fail (instead of skipping) when the [parity] extra is missing.
 TEST_ENV := $(REFERENCE_ENV) WINCLIP_NB_REQUIRE_PARITY=1
 
-.PHONY: install test unit-test nbval benchmark notebooks speed speed-methods gpu-check lint clean
+.PHONY: install install-dev test unit-test nbval benchmark notebooks speed speed-methods gpu-check loc lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,parity]"
+	$(PY) -m pip install --quiet -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev,parity]"
+	touch $(DEV_STAMP)
+
+## make install: the runtime only (notebooks, benchmark, CLI), what a workshop laptop needs
 install: $(STAMP)
 
-## make test: unit tests, the executed notebooks (nbval) and the browser test, offline
-## (-rs lists skipped tests with their reason, e.g. the browser test without chromium)
-test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rs
+## make install-dev: the runtime plus the test and parity extras
+install-dev: $(DEV_STAMP)
 
-unit-test: $(STAMP)
+## make test: unit tests, the doctests of winclip_nb/core, the executed notebooks (nbval)
+## and the browser test, offline (-rs lists skipped tests with their reason)
+test: $(DEV_STAMP)
+	$(TEST_ENV) $(PY) -m pytest tests notebooks winclip_nb/core --doctest-modules --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rs
+
+unit-test: $(DEV_STAMP)
 	$(TEST_ENV) $(PY) -m pytest tests -p no:cacheprovider -rs
 
-nbval: $(STAMP)
+nbval: $(DEV_STAMP)
 	$(REFERENCE_ENV) $(PY) -m pytest notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
 
 ## make benchmark: the benchmark with defaults ($$MVTEC_ROOT if set, else the synthetic set)
@@ -53,7 +64,11 @@ speed-methods: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 
-lint: $(STAMP)
+## make loc: code-line budgets of the package (benchmarks/loc.py; make test checks them)
+loc: $(STAMP)
+	$(PY) benchmarks/loc.py --check
+
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check winclip_nb tests benchmarks
 
 clean:

@@ -142,35 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", action="store_true", help="list every file")
     args = parser.parse_args(argv)
     m = measure()
+    b = BUDGETS
+    fn, cl, fi = m["largest_core_function"], m["largest_core_class"], m["largest_file"]
+    places = m["method_name_places"]
+    pkg = m["package"]
     rows = [
-        (
-            "package: files / lines / code lines",
-            f"{m['package']['files']} / {m['package']['lines']} / {m['package']['code']}",
-        ),
+        ("package: files / lines / code lines", f"{pkg['files']} / {pkg['lines']} / {pkg['code']}"),
         ("core/: lines / code lines", f"{m['core']['lines']} / {m['core']['code']}"),
-        (
-            "core/ without method files: code lines",
-            f"{m['core_code_lines']} (budget {BUDGETS['core_code_lines']})",
-        ),
+        ("core/ without method files: code lines",
+         f"{m['core_code_lines']} (budget {b['core_code_lines']})"),
         ("largest function (code lines)", f"{m['largest_function'][0]} {m['largest_function'][1]}"),
         ("largest class (code lines)", f"{m['largest_class'][0]} {m['largest_class'][1]}"),
-        (
-            "largest function in core/",
-            f"{m['largest_core_function'][0]} {m['largest_core_function'][1]} (budget {BUDGETS['function_code_lines']})",
-        ),
-        (
-            "largest class in core/",
-            f"{m['largest_core_class'][0]} {m['largest_core_class'][1]} (budget {BUDGETS['class_code_lines']})",
-        ),
-        (
-            "largest file (lines)",
-            f"{m['largest_file'][0]} {m['largest_file'][1]} (budget {BUDGETS['file_lines']})",
-        ),
-        (
-            "places comparing a method name",
-            f"{len(m['method_name_places'])} {m['method_name_places']} (budget {BUDGETS['method_name_places']})",
-        ),
-    ]
+        ("largest function in core/", f"{fn[0]} {fn[1]} (budget {b['function_code_lines']})"),
+        ("largest class in core/", f"{cl[0]} {cl[1]} (budget {b['class_code_lines']})"),
+        ("largest file (lines)", f"{fi[0]} {fi[1]} (budget {b['file_lines']})"),
+        ("places comparing a method name",
+         f"{len(places)} {places} (budget {b['method_name_places']})"),
+    ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
     if args.files:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 # Before torch runs a kernel: the same MKL / oneDNN kernels on every machine, as in the
-# notebooks' reference mode (winclip_nb.notebooks.REFERENCE_CPU_KERNELS).
+# notebooks' reference mode (winclip_nb.nb.helpers.REFERENCE_CPU_KERNELS).
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
@@ -37,19 +37,21 @@ def random_winclip():
 
 @pytest.fixture(scope="module")
 def reused_models() -> Iterator[dict]:
-    """For one test module, the benchmark builds one model per (weights, seed, image size,
-    layers, device) and reuses it: its text cache then makes every class's anchors a
-    one-time cost. Yields the cache (how many models were built)."""
-    from winclip_nb import benchmark as B
+    """For one test module, the benchmark loads one backbone per (weights, seed, model,
+    image size, layers, device, precision) and reuses it under each run's settings: its
+    text cache then makes every class's anchors a one-time cost. Yields the cache (how
+    many backbones were loaded)."""
+    from winclip_nb.bench import protocol as B
 
     cache: dict = {}
     real = B._load_model
 
-    def load(cfg, weights, seed, device):
-        key = (weights, seed, cfg.image_size, tuple(cfg.layers), str(device))
-        if key not in cache:
-            cache[key] = real(cfg, weights, seed, device)
-        return cache[key]
+    def load(cfg, weights, seed, device, backbone=None):
+        m = cfg.model
+        key = (weights, seed, m.model_name, m.image_size, m.layers, str(device), m.precision)
+        model = real(cfg, weights, seed, device, backbone=backbone or cache.get(key))
+        cache.setdefault(key, model.backbone)
+        return model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(B, "_load_model", load)

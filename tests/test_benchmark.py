@@ -1,8 +1,9 @@
-"""The MVTec-AD benchmark: result files, resume, determinism, merge, metrics, bad images.
+"""The MVTec-AD benchmark: result files, resume, determinism, merge, metrics, bad images,
+and its command-line options (derived from the config dataclasses).
 
 Runs use a random-init ViT-B-16 at 112 px (7 x 7 patches) on a tiny synthetic set of
-two classes. One model is built per module and reused by every run (``_load_model`` is
-wrapped with a cache), so each class's text anchors are encoded only once.
+two classes. One backbone is loaded per module and reused by every run (``_load_model``
+is wrapped with a cache), so each class's text anchors are encoded only once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,11 +22,21 @@ import numpy as np
 import pytest
 import torch
 
-from winclip_nb import benchmark as B
-from winclip_nb import cli
-from winclip_nb.data import load_mask, load_mvtec_class, make_synthetic_mvtec
-from winclip_nb.detector import WinCLIP
-from winclip_nb.metrics import METRIC_KEYS
+from winclip_nb import ConfigError, WinCLIP, WinCLIPConfig, cli
+from winclip_nb.bench import protocol as B
+from winclip_nb.bench.command import config_from_args, configs_from_args
+from winclip_nb.bench.config import BenchmarkConfig
+from winclip_nb.bench.loader import TestImageDataset
+from winclip_nb.bench.metrics import METRIC_KEYS
+from winclip_nb.bench.report import format_table
+from winclip_nb.bench.store import (
+    _combine_seeds,
+    _mean_over_classes,
+    build_results,
+    config_differences,
+    config_fingerprint,
+)
+from winclip_nb.data import TestSample, load_mask, load_mvtec_class, make_synthetic_mvtec
 
 CLASSES = ("disc", "weave")
 TINY_SET = {"n_train": 3, "n_test_good": 2, "n_test_per_defect": 1, "image_size": 96}
@@ -46,6 +58,11 @@ def run_args(root: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def model(**changes) -> WinCLIPConfig:
+    """The runs' detector settings: random weights, 112 px, CPU."""
+    return WinCLIPConfig(pretrained="random", image_size=IMAGE_SIZE, device="cpu", **changes)
+
+
 def metrics_of(results: dict, name: str) -> dict:
     return {k: results["classes"][name][k] for k in METRIC_KEYS}
 
@@ -62,8 +79,8 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def cached_models(reused_models):
-    """Reuse one model per (weights, seed, image size, layers): its text cache then
-    makes every class's anchors a one-time cost. Records how many models were built."""
+    """Reuse one backbone per (weights, seed, model, image size, layers, device,
+    precision): its text cache then makes every class's anchors a one-time cost."""
     return reused_models
 
 
@@ -86,14 +103,8 @@ def shard_runs(root, tmp_path_factory, joint_run) -> tuple[Path, Path]:
     for name in CLASSES:
         out = base / name
         results = B.run_benchmark(
-            B.BenchmarkConfig(
-                data_root=str(root),
-                classes=[name],
-                weights="random",
-                image_size=IMAGE_SIZE,
-                device="cpu",
-                batch_size=4,
-                out=str(out),
+            BenchmarkConfig(
+                model=model(batch_size=4), data_root=str(root), classes=[name], out=str(out)
             ),
             progress=False,
             verbose=False,
@@ -122,6 +133,11 @@ def test_cli_writes_every_metric_for_every_class(joint_run):
     assert config["random_weights"] is True and config["synthetic"] is True
     assert config["weights"] == "random" and config["device"] == "cpu"
     assert config["seeds"] == [0] and config["k_shot"] == "full"
+    # The model's settings are recorded flat, the new ones included.
+    assert config["method"] == "tokens" and config["image_size"] == IMAGE_SIZE
+    assert config["precision"] == "auto" and config["text_temperature"] == 0.01
+    assert config["window_scales"] == [2, 3] and config["fg_threshold"] == 0.1
+    assert config["scored_map"] == "anomaly_map" and "scored_maps" not in config
     assert set(config["versions"]) >= {"torch", "open_clip", "numpy", "sklearn", "winclip_nb"}
     assert "RANDOM WEIGHTS" in stdout and "SYNTHETIC" in stdout and "MEAN" in stdout
 
@@ -199,7 +215,7 @@ def test_merged_shards_equal_the_joint_run(joint_run, shard_runs, tmp_path, caps
 
     # The metric columns of the printed tables agree (img/s, the last column, may differ).
     def rows(results):
-        table = B.format_table(results).splitlines()
+        table = format_table(results).splitlines()
         return [line.rsplit(None, 1)[0] for line in table if line.startswith(CLASSES + ("MEAN",))]
 
     assert rows(merged) == rows(joint)
@@ -221,7 +237,7 @@ def test_merge_refuses_runs_with_other_settings(shard_runs, tmp_path, capsys):
 # ------------------------------------------------------------------ metrics not vacuous
 def _ground_truth_lookup(class_data, size: int) -> dict[bytes, np.ndarray]:
     """SHA-1 of each test image as the model sees it -> its (size, size) mask."""
-    dataset = B.TestImageDataset(class_data.test, size, eval_size=0)
+    dataset = TestImageDataset(class_data.test, size, eval_size=0)
     table = {}
     for i in range(len(class_data.test)):
         item = dataset[i]
@@ -239,18 +255,19 @@ def test_pixel_metrics_follow_the_maps(root, monkeypatch, flip):
     the same maps turned upside down (rotated 180 degrees) drop them clearly. Image scores
     are left untouched."""
     class_data = load_mvtec_class(root, "disc")
-    cfg = B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu", k_shot=0)
+    cfg = BenchmarkConfig(model=model(), k_shot=0)
     winclip = B._load_model(cfg.validate(), "random", 0, torch.device("cpu"))
     truth = _ground_truth_lookup(class_data, IMAGE_SIZE)
 
-    def oracle(self, resized, *args, **kwargs):
+    def oracle(self, resized, fitted, *args, **kwargs):
         keys = [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in resized]
         maps = torch.from_numpy(np.stack([truth[k] for k in keys]))
         if flip:
             maps = torch.flip(maps, dims=[1, 2])
-        return {"anomaly_map": maps, "score": torch.tensor([float(truth[k].any()) for k in keys])}
+        scores = torch.tensor([float(truth[k].any()) for k in keys])
+        return {self.scorer.scored_map: maps, "score": scores}  # the map the metrics use
 
-    monkeypatch.setattr(WinCLIP, "detect_resized", oracle)
+    monkeypatch.setattr(WinCLIP, "detect_batch", oracle)
     result = B.evaluate_class(winclip, class_data, cfg, progress=False)
     assert result["image_auroc"] == 100.0  # scores were not flipped
     if flip:
@@ -263,38 +280,42 @@ def test_pixel_metrics_follow_the_maps(root, monkeypatch, flip):
 
 # --------------------------------------------------------------------------- k-shot
 def test_k_shot_and_zero_shot_memories(root):
+    """The class is fitted on k images (every patch kept) or none; ``evaluate_class`` hands
+    the fitted class back and leaves the detector as it was (no memory kept on it)."""
     class_data = load_mvtec_class(root, "weave")
-    cfg = B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu")
+    cfg = BenchmarkConfig(model=model())
     winclip = B._load_model(cfg.validate(), "random", 0, torch.device("cpu"))
     two_shot = B.evaluate_class(
-        winclip,
-        class_data,
-        B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu", k_shot=2),
-        progress=False,
-    )
+        winclip, class_data, BenchmarkConfig(model=model(), k_shot=2), progress=False,
+        return_maps=True,
+    )  # fmt: skip
     assert two_shot["n_memory_images"] == 2
     assert two_shot["memory_patches"] == 2 * 7 * 7  # k-shot keeps every patch
-    zero = B.evaluate_class(
-        winclip,
-        class_data,
-        B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu", k_shot=0),
-        progress=False,
-    )
+    fitted = two_shot["fitted"]
+    assert fitted.memory.size == 2 * 7 * 7 and fitted.class_name == "weave"
+    assert winclip.fitted is None and winclip.memory is None  # the detector is unchanged
+    # A detector built for calibrated maps, used zero-shot: nothing to calibrate on.
+    with pytest.warns(UserWarning, match="using per_image"):
+        zero = B.evaluate_class(
+            winclip, class_data, BenchmarkConfig(model=model(), k_shot=0), progress=False,
+            return_maps=True,
+        )  # fmt: skip
     assert zero["n_memory_images"] == 0 and zero["memory_patches"] is None
-    assert winclip.memory is None
+    assert zero["fitted"].memory is None and zero["fitted"].class_name == "weave"
+    assert winclip.fitted is None and winclip.memory is None
 
 
 def test_memory_images_follow_k_seed_and_cap(root):
     class_data = load_mvtec_class(root, "disc")
-    full = B.BenchmarkConfig(max_images=2)
+    full = BenchmarkConfig(max_images=2)
     assert B.memory_images(class_data, full, 0) == class_data.train[:2]
-    one = B.memory_images(class_data, B.BenchmarkConfig(k_shot=1), 5)
-    two = B.memory_images(class_data, B.BenchmarkConfig(k_shot=2), 5)
+    one = B.memory_images(class_data, BenchmarkConfig(k_shot=1), 5)
+    two = B.memory_images(class_data, BenchmarkConfig(k_shot=2), 5)
     assert len(one) == 1 and set(one) <= set(two)  # draws are nested for one seed
-    draws = {tuple(B.memory_images(class_data, B.BenchmarkConfig(k_shot=1), s)) for s in range(8)}
+    draws = {tuple(B.memory_images(class_data, BenchmarkConfig(k_shot=1), s)) for s in range(8)}
     assert len(draws) > 1  # the seed chooses the images
-    with pytest.raises(B.ConfigError, match="only 3 training images"):
-        B.memory_images(class_data, B.BenchmarkConfig(k_shot=4), 0)
+    with pytest.raises(ConfigError, match="only 3 training images"):
+        B.memory_images(class_data, BenchmarkConfig(k_shot=4), 0)
 
 
 # ---------------------------------------------------------------------- bad images
@@ -339,17 +360,17 @@ def test_corrupt_training_image_always_stops(disc_copy, tmp_path, capsys):
 def test_dataset_masks_are_nearest_resized_and_errors_reported(root, tmp_path):
     class_data = load_mvtec_class(root, "disc")
     sample = next(s for s in class_data.test if s.mask_path is not None)
-    item = B.TestImageDataset([sample], IMAGE_SIZE, eval_size=48)[0]
+    item = TestImageDataset([sample], IMAGE_SIZE, eval_size=48)[0]
     expected = cv2.resize(load_mask(sample.mask_path).astype(np.uint8), (48, 48),
                           interpolation=cv2.INTER_NEAREST) > 0  # fmt: skip
     assert item["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and item["image"].dtype == np.uint8
     assert item["mask"].dtype == bool and np.array_equal(item["mask"], expected)
     assert item["error"] == "" and item["mask"].any()
     good = next(s for s in class_data.test if s.mask_path is None)
-    assert not B.TestImageDataset([good], IMAGE_SIZE, 48)[0]["mask"].any()
+    assert not TestImageDataset([good], IMAGE_SIZE, 48)[0]["mask"].any()
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"garbage")
-    bad = B.TestImageDataset([B.TestSample(broken, "hole", 1, None)], IMAGE_SIZE, 48)[0]
+    bad = TestImageDataset([TestSample(broken, "hole", 1, None)], IMAGE_SIZE, 48)[0]
     assert str(broken) in bad["error"]
 
 
@@ -361,26 +382,26 @@ def test_seed_statistics_and_means():
         }
         for seed, value in ((0, 80.0), (1, 90.0), (2, 100.0))
     }  # fmt: skip
-    combined = B._combine_seeds(per_seed)
+    combined = _combine_seeds(per_seed)
     assert combined["image_auroc"] == 90.0
     assert combined["std"]["image_auroc"] == 10.0  # sample std of 80, 90, 100
     assert combined["seconds"] == 3.0 and set(combined["per_seed"]) == {"0", "1", "2"}
     other = dict(combined, image_auroc=70.0, pixel_auroc=None)
-    mean = B._mean_over_classes({"a": combined, "b": other})
+    mean = _mean_over_classes({"a": combined, "b": other})
     assert mean["image_auroc"] == 80.0
     assert mean["pixel_auroc"] == 90.0  # an undefined metric is left out of the mean
     assert mean["n_test"] == 12
 
 
 def test_format_table_rows_and_banners():
-    results = B.build_results(
+    results = build_results(
         {"random_weights": True, "weights": "random", "synthetic": True, "batch_size": 8,
          "eval_resolution": "256x256", "k_shot": "full", "k_shot_label": "full", "seeds": [0]},
         {"weave": dict.fromkeys(METRIC_KEYS, 50.0) | {"n_test": 6, "images_per_s": 2.5},
          "disc": dict.fromkeys(METRIC_KEYS, 91.25) | {"n_test": 6, "images_per_s": 3.0,
                                                      "pixel_ap": None}},
     )  # fmt: skip
-    table = B.format_table(results)
+    table = format_table(results)
     lines = table.splitlines()
     disc = next(line for line in lines if line.startswith("disc"))
     assert disc.split() == ["disc", "91.2", "91.2", "n/a", "91.2", "91.2", "91.2", "6", "3.0"]
@@ -396,6 +417,139 @@ def test_format_table_rows_and_banners():
 def test_fingerprint_ignores_runtime_keys_only():
     base = {"k_shot": "full", "sigma": 4.0, "out": "a", "device": "cpu", "classes": ["disc"]}
     same = dict(base, out="b", device="cuda", classes=["weave"], workers=3)
-    assert B.config_fingerprint(base) == B.config_fingerprint(same)
-    assert B.config_fingerprint(base) != B.config_fingerprint(dict(base, sigma=2.0))
-    assert B.config_differences(base, dict(base, sigma=2.0)) == ["sigma: 4.0 -> 2.0"]
+    assert config_fingerprint(base) == config_fingerprint(same)
+    assert config_fingerprint(base) != config_fingerprint(dict(base, sigma=2.0))
+    assert config_differences(base, dict(base, sigma=2.0)) == ["sigma: 4.0 -> 2.0"]
+
+
+#: Keys a results.json config of the previous version lacks (it had ``scored_maps``, text,
+#: instead of ``scored_map``).
+NEW_MODEL_KEYS = (
+    "precision", "text_temperature", "fg_threshold", "window_scales", "coreset_projection_dim",
+    "score_top_fraction", "nn_chunk_size", "hotspot_threshold", "top_k", "min_hotspot_area",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "temperature"), [("tokens", 0.01), ("windows", 0.07)])
+def test_fingerprint_of_an_old_config_counts_missing_keys_as_defaults(method, temperature):
+    """A config written before the model's settings were recorded (no ``precision``,
+    ``text_temperature``, ... and ``scored_maps`` instead of ``scored_map``) matches the
+    same run now: a missing key counts as its default for that file's method. A key that
+    really differs from that default still makes it another run, and is named."""
+    new = BenchmarkConfig(model=WinCLIPConfig(method=method)).to_dict()
+    assert new["text_temperature"] == temperature and set(NEW_MODEL_KEYS) <= set(new)
+    new["scored_map"] = "raw_map" if method == "windows" else "anomaly_map"
+    old = {k: v for k, v in new.items() if k not in (*NEW_MODEL_KEYS, "scored_map")}
+    old["scored_maps"] = "anomaly_map and score after post-processing"
+    assert config_fingerprint(old) == config_fingerprint(new)
+    assert config_differences(old, new) == []
+    for key, value in (("text_temperature", 0.5), ("fg_threshold", 0.3), ("precision", "fp16")):
+        changed = dict(new, **{key: value})
+        assert config_fingerprint(old) != config_fingerprint(changed)
+        assert config_differences(old, changed) == [f"{key}: {new[key]!r} -> {value!r}"]
+    # The other method's defaults are not this file's: tokens' temperature is not windows'.
+    other = "tokens" if method == "windows" else "windows"
+    assert config_fingerprint(dict(old, method=other)) != config_fingerprint(
+        dict(new, method=other)
+    )
+
+
+# ------------------------------------------------------------------ command-line options
+def _flags(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+def test_benchmark_help_lists_the_options_of_both_configs(capsys):
+    assert cli.main(["benchmark", "--help"]) == 0
+    text = capsys.readouterr().out
+    flags = _flags(text)
+    protocol = {"--data-root", "--dataset", "--classes", "--k-shot", "--max-images", "--seeds",
+                "--coreset-ratio", "--normalization", "--eval-size", "--workers", "--out",
+                "--force", "--no-force", "--skip-bad", "--save-examples", "--explain", "--llava",
+                "--llava-model", "--no-progress"}  # fmt: skip
+    model_flags = {"--method", "--model", "--weights", "--image-size", "--layers", "--device",
+                   "--precision", "--batch-size", "--text-temperature", "--text-weight",
+                   "--nn-weight", "--fg-threshold", "--sigma", "--window-scales"}  # fmt: skip
+    assert protocol | model_flags <= flags, sorted((protocol | model_flags) - flags)
+    assert "--seed" not in flags  # set per run from --seeds by the protocol
+    assert "--model-name" not in flags and "--pretrained" not in flags  # the old names stay
+    # Help texts and defaults come from the fields.
+    sigma = r"--sigma SIGMA\s+Gaussian smoothing sigma in input pixels\s+\(default:\s+4\.0\)"
+    assert re.search(sigma, text)
+    assert "{tokens,windows}" in text and "{mvtec,visa,folder}" in text
+
+
+def _parse(*argv: str):
+    return cli.build_parser().parse_args(["benchmark", *argv])
+
+
+def test_benchmark_options_parse_into_the_configs(tmp_path):
+    argv = ("--text-weight", "0.5", "--layers", "6", "11", "--seeds", "0", "1")
+    cfg = config_from_args(_parse(*argv))
+    assert cfg == BenchmarkConfig(
+        model=WinCLIPConfig(text_weight=0.5, layers=(6, 11)), seeds=(0, 1)
+    ).validate()
+    assert cfg.model.layers == (6, 11) and cfg.seeds == (0, 1) and cfg.model.text_weight == 0.5
+    assert cfg.model.nn_weight == WinCLIPConfig().nn_weight  # not given: the field's default
+    assert cfg.model.pretrained is None and cfg.k_shot == "full"
+
+    cfg = config_from_args(_parse(
+        "--method", "windows", "--weights", "random", "--dataset", "visa", "--k-shot", "2",
+        "--force", "--no-skip-bad", "--coreset-ratio", "0.5", "--precision", "fp32",
+        "--window-scales", "2", "--fg-threshold", "0.2", "--classes", "disc", "weave",
+    ))  # fmt: skip
+    assert cfg.model == WinCLIPConfig(
+        method="windows", pretrained="random", precision="fp32", window_scales=(2,),
+        fg_threshold=0.2,
+    )  # fmt: skip
+    assert cfg.model.model_name == "ViT-B-16-plus-240"  # the method's preset
+    assert (cfg.dataset_format, cfg.k_shot, cfg.force, cfg.skip_bad) == ("visa", 2, True, False)
+    assert cfg.coreset_ratio == 0.5 and cfg.model.coreset_ratio == WinCLIPConfig().coreset_ratio
+    assert cfg.classes == ["disc", "weave"]
+    assert config_from_args(_parse("--model", "ViT-B-32")).model.model_name == "ViT-B-32"
+
+    out = tmp_path / "runs"
+    runs = configs_from_args(_parse("--k-shot", "0", "full", "--out", str(out)))
+    assert [(c.k_shot, c.out) for c in runs] == [
+        (0, str(out / "zero-shot")), ("full", str(out / "full"))
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--sigma", "-1"], "sigma"),
+        (["--seeds", "1", "1"], "seeds"),
+        (["--layers", "9", "9"], "layers"),
+        (["--text-weight", "0", "--nn-weight", "0"], "text_weight"),
+        (["--text-temperature", "0"], "text_temperature"),
+        (["--max-images", "-2"], "max_images"),
+        (["--eval-size", "4"], "eval_size"),
+        (["--coreset-ratio", "1.5"], "coreset_ratio"),
+        (["--k-shot", "0", "--normalization", "calibrated"], "normalization"),
+    ],
+)
+def test_bad_option_values_are_config_errors_naming_them(
+    argv, named, tmp_path, capsys, monkeypatch
+):
+    with pytest.raises(ConfigError, match=named):
+        config_from_args(_parse(*argv))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for a bad setting")
+
+    monkeypatch.setattr(B, "_load_model", no_model)
+    assert cli.main(["benchmark", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("winclip-nb: error:") and named in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_option_values_of_the_wrong_type_are_usage_errors(capsys):
+    assert cli.main(["benchmark", "--batch-size", "two"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--method", "patches"]) == 2
+    assert "--method" in capsys.readouterr().err
+    assert cli.main(["benchmark", "--k-shot", "few"]) == 2
+    assert "--k-shot" in capsys.readouterr().err

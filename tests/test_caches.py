@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from winclip_nb.backbone import hub_weight_files
+from winclip_nb.hub.weights import hub_weight_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -98,8 +98,8 @@ def hf_home(tmp_path_factory) -> Path:
     """A ``HF_HOME`` holding both CLIP checkpoints and the tiny LLaVA under the real ids."""
     import open_clip
 
-    from winclip_nb.explain import DEFAULT_LLAVA_MODEL
-    from winclip_nb.tiny_llava import build_tiny_llava
+    from winclip_nb.explain.llava import DEFAULT_LLAVA_MODEL
+    from winclip_nb.explain.tiny_llava import build_tiny_llava
 
     home = tmp_path_factory.mktemp("hf_home")
     scratch = tmp_path_factory.mktemp("scratch")
@@ -118,7 +118,8 @@ def hf_home(tmp_path_factory) -> Path:
     return home
 
 
-def _run(code: str, hf_home: Path, *, offline: bool, timeout: float = 600) -> dict:
+def _run(code: str, hf_home: Path, *, offline: bool, timeout: float = 600,
+         cwd: Path = REPO_ROOT) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line, returned as a dict.
 
     ``offline``: HF_HUB_OFFLINE=1; else no offline flag but every connection refused.
@@ -135,7 +136,7 @@ def _run(code: str, hf_home: Path, *, offline: bool, timeout: float = 600) -> di
     body += "import json; print('RESULT ' + json.dumps(RESULT))\n"
     proc = subprocess.run(
         [sys.executable, "-c", body],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -172,7 +173,7 @@ CLIP_CODE = (
     SAME_AS_FILE
     + """
 import numpy as np
-from winclip_nb.backbone import ClipBackbone, cached_tag_file, load_open_clip
+from winclip_nb.hub.weights import cached_tag_file, load_open_clip, resolve_weights
 from winclip_nb import WinCLIP
 
 RESULT = {}
@@ -181,22 +182,31 @@ RESULT["openai"] = {
     "source": weights.source, "random": weights.random, "label": weights.label,
     "same": same_as_file(model, weights.source), "activation": activation(model),
 }
-backbone = ClipBackbone("ViT-B-16-plus-240", "laion400m_e31", device="cpu", image_size=240)
+plus, _, plus_weights = load_open_clip("ViT-B-16-plus-240", "laion400m_e31", "cpu", 240)
 RESULT["plus"] = {
-    "source": backbone.weights.source, "random": backbone.random_weights,
-    "same": same_as_file(backbone.model, backbone.weights.source),
-    "activation": activation(backbone.model),
+    "source": plus_weights.source, "random": plus_weights.random,
+    "same": same_as_file(plus, plus_weights.source), "activation": activation(plus),
     "cached": cached_tag_file("ViT-B-16-plus-240", "laion400m_e31"),
 }
+del plus
+# weights="auto" with the windows method's own tag: the cached file under that tag.
+plus_auto = resolve_weights("ViT-B-16-plus-240", "auto", "laion400m_e31")
+RESULT["plus_auto"] = {
+    "source": plus_auto.source, "random": plus_auto.random, "label": plus_auto.label,
+}
+# ... and never another tag: asked for one the model lacks, it is random init even though
+# the model's laion400m_e31 file is in the cache.
+RESULT["plus_no_such_tag"] = resolve_weights("ViT-B-16-plus-240", "auto", "openai").random
 winclip = WinCLIP(device="cpu", pretrained="auto")
+auto_source = resolve_weights("ViT-B-16", "auto", "openai").source
 image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
 # Any unit anchors do for the flag (the text encoder's prompts are tested elsewhere).
 normal, anomalous = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
 result = winclip.detect(image, normal, anomalous)
 RESULT["auto"] = {
     "label": winclip.weights_label, "random": winclip.random_weights,
-    "result_random": result.random_weights, "source": winclip.backbone.weights.source,
-    "same": same_as_file(winclip.backbone.model, winclip.backbone.weights.source),
+    "result_random": result.random_weights, "source": auto_source,
+    "same": same_as_file(winclip.backbone.model, auto_source),
     "activation": activation(winclip.backbone.model),
 }
 """
@@ -219,6 +229,11 @@ def test_clip_tags_load_from_the_hub_cache(hf_home, offline):
     openai, plus, auto = result["openai"], result["plus"], result["auto"]
     assert Path(openai["source"]) == expected["ViT-B-16"]
     assert Path(plus["source"]) == Path(plus["cached"]) == expected["ViT-B-16-plus-240"]
+    # weights="auto" uses the method's own tag (windows: laion400m_e31), found in the cache.
+    plus_auto = result["plus_auto"]
+    assert Path(plus_auto["source"]) == expected["ViT-B-16-plus-240"]
+    assert plus_auto["label"] == "laion400m_e31" and plus_auto["random"] is False
+    assert result["plus_no_such_tag"] is True
     assert openai["same"] and plus["same"] and auto["same"]
     assert not openai["random"] and not plus["random"]
     # The openai checkpoint was trained with QuickGELU (open_clip's tag config says so).
@@ -233,7 +248,7 @@ def test_clip_tags_load_from_the_hub_cache(hf_home, offline):
 
 
 LLAVA_CODE = """
-from winclip_nb.explain import DEFAULT_LLAVA_MODEL, LlavaExplainer, resolve_llava_source
+from winclip_nb.explain.llava import DEFAULT_LLAVA_MODEL, LlavaExplainer, resolve_llava_source
 from transformers import LlavaOnevisionForConditionalGeneration
 import torch
 
@@ -252,7 +267,7 @@ RESULT["same"] = sorted(loaded) == sorted(saved) and all(
 
 @pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "no-network"])
 def test_llava_hub_id_loads_from_the_hub_cache(hf_home, offline):
-    from winclip_nb.explain import DEFAULT_LLAVA_MODEL
+    from winclip_nb.explain.llava import DEFAULT_LLAVA_MODEL
 
     code = f"FOLDER_FILE = {str(hf_home / 'tiny_llava_folder')!r}\n" + LLAVA_CODE
     result = _run(code, hf_home, offline=offline)
@@ -262,6 +277,24 @@ def test_llava_hub_id_loads_from_the_hub_cache(hf_home, offline):
     assert result["same"]
     assert result["n_params"] < 10_000_000  # the tiny model, not a downloaded 0.5B one
     assert result["attempts"] == []
+
+
+def test_auto_weights_with_a_tag_the_model_lacks_fall_back_to_random(caplog):
+    """``auto`` asks for the method's own tag, never another of the model's tags: a tag
+    the model does not have gives random init with a warning naming both."""
+    import open_clip
+
+    from winclip_nb.hub.weights import resolve_weights
+
+    assert "openai" not in open_clip.list_pretrained_tags_by_model("ViT-B-16-plus-240")
+    with caplog.at_level("WARNING", logger="winclip_nb.hub.weights"):
+        resolved = resolve_weights("ViT-B-16-plus-240", "auto", "openai")
+    assert resolved.random and resolved.source is None and resolved.label.startswith("random")
+    (record,) = [r for r in caplog.records if r.name == "winclip_nb.hub.weights"]
+    assert record.levelname == "WARNING"
+    message = record.getMessage()
+    assert "ViT-B-16-plus-240" in message and "'openai'" in message and "random" in message
+    assert "laion400m_e31" in message  # the tags it does have are listed
 
 
 PREFETCH_CODE = """
@@ -275,11 +308,12 @@ RESULT = {"codes": [main(ARGV) for ARGV in ARGVS]}
 def test_prefetch_reports_the_cached_files(hf_home, offline):
     import open_clip
 
-    from winclip_nb.explain import DEFAULT_LLAVA_MODEL
+    from winclip_nb.explain.llava import DEFAULT_LLAVA_MODEL
 
     argvs = [
         ["prefetch"],
         ["prefetch", "--model", "ViT-B-16-plus-240", "--weights", "laion400m_e31", "--no-llava"],
+        ["prefetch", "--method", "windows", "--no-llava"],  # that method's model and tag
     ]
     if not offline:
         argvs.append(["prefetch", "--offline", "--weights", "auto", "--no-llava"])
@@ -289,7 +323,9 @@ def test_prefetch_reports_the_cached_files(hf_home, offline):
     for model_name, tag, filename in CLIP_CHECKPOINTS:
         repo_id, _ = hub_weight_files(open_clip.get_pretrained_cfg(model_name, tag)["hf_hub"])
         path = _snapshot(hf_home, repo_id, filename)
-        assert f"CLIP {model_name}/{tag}: already cached at {path}" in out
+        # the windows model twice: named explicitly and as --method windows
+        expected_count = 2 if model_name == "ViT-B-16-plus-240" else 1
+        assert out.count(f"CLIP {model_name}/{tag}: already cached at {path}") == expected_count
     llava = _hub_repo(hf_home / "hub", DEFAULT_LLAVA_MODEL) / "snapshots" / COMMIT
     assert f"LLaVA {DEFAULT_LLAVA_MODEL}: already cached at {llava}" in out
     assert f"Hugging Face cache: {hf_home / 'hub'}" in out
@@ -313,7 +349,7 @@ def test_cached_tag_file_finds_a_named_hub_file(tmp_path):
     assert hub_weight_files(hf_hub) == (repo_id, (filename[:-4] + ".safetensors", filename))
     link = _add_hub_file(tmp_path / "hub", repo_id, filename, b"not a real checkpoint")
     code = f"""
-from winclip_nb.backbone import cached_tag_file
+from winclip_nb.hub.weights import cached_tag_file
 RESULT = {{"found": cached_tag_file({model_name!r}, {tag!r})}}
 """
     result = _run(code, tmp_path, offline=True, timeout=120)

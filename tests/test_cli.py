@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from winclip_nb import __version__, cli
-from winclip_nb import benchmark as B
+from winclip_nb.bench import protocol as B
 from winclip_nb.data import make_synthetic_mvtec
 
 PYTHON = sys.executable
@@ -168,7 +168,7 @@ def test_settings_errors_stop_before_any_model(data, tmp_path, capsys, no_model)
 def test_real_data_defaults_to_openai_and_fails_fast_offline(
     data, tmp_path, capsys, no_model, restore_offline_env
 ):
-    from winclip_nb.backbone import cached_tag_file
+    from winclip_nb.hub.weights import cached_tag_file
 
     if cached_tag_file("ViT-B-16", "openai"):
         pytest.skip("the openai checkpoint is cached on this machine")
@@ -235,11 +235,47 @@ def test_prefetch_checks_an_mvtec_folder(tiny_root, capsys):
     assert "random init requested, nothing to download" in out
 
 
-def test_prefetch_offline_fails_with_one_line(capsys, restore_offline_env):
-    from winclip_nb.backbone import cached_tag_file
+@pytest.mark.parametrize(
+    "method, model, tag",
+    [(None, "ViT-B-16", "openai"), ("windows", "ViT-B-16-plus-240", "laion400m_e31")],
+    ids=["default method", "windows"],
+)
+def test_prefetch_offline_fails_with_one_line(capsys, restore_offline_env, method, model, tag):
+    """Without options prefetch fetches the tokens method's model and tag; ``--method``
+    picks that method's (windows: the paper's ViT-B-16-plus-240, LAION-400M weights)."""
+    from winclip_nb.hub.weights import cached_tag_file
 
-    if cached_tag_file("ViT-B-16", "openai"):
-        pytest.skip("the openai checkpoint is cached on this machine")
-    assert cli.main(["--offline", "prefetch", "--no-llava"]) == 2
+    if cached_tag_file(model, tag):
+        pytest.skip(f"the {model}/{tag} checkpoint is cached on this machine")
+    method_args = [] if method is None else ["--method", method]
+    assert cli.main(["--offline", "prefetch", *method_args, "--no-llava"]) == 2
     line = single_error_line(capsys.readouterr().err)
-    assert "not reachable" in line and "ViT-B-16/openai" in line
+    assert "not reachable" in line and f" {model}/{tag}:" in line
+
+
+def test_prefetch_method_picks_its_model_and_tag_unless_told(monkeypatch, capsys):
+    from winclip_nb.hub import prefetch
+
+    fetched: list[tuple[str, str]] = []
+    monkeypatch.setattr(prefetch, "_prefetch_clip", lambda *args: fetched.append(args))
+    for argv in (
+        [],
+        ["--method", "windows"],
+        ["--method", "windows", "--model", "ViT-B-16", "--weights", "random"],
+        ["--method", "tokens", "--weights", "laion2b_s34b_b88k"],
+    ):
+        assert cli.main(["prefetch", *argv, "--no-llava"]) == 0
+    assert fetched == [
+        ("ViT-B-16", "openai"),
+        ("ViT-B-16-plus-240", "laion400m_e31"),
+        ("ViT-B-16", "random"),
+        ("ViT-B-16", "laion2b_s34b_b88k"),
+    ]
+    capsys.readouterr()
+    assert cli.main(["prefetch", "--method", "nope", "--no-llava"]) == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    # The real fetch of a random-init windows model downloads nothing.
+    monkeypatch.undo()
+    argv = ["prefetch", "--method", "windows", "--weights", "random", "--no-llava"]
+    assert cli.main(argv) == 0
+    assert "random init requested, nothing to download" in capsys.readouterr().out

@@ -1,10 +1,15 @@
-"""Tests of winclip_nb.data: decoding, dataset layouts, k-shot draws, synthetic generator."""
+"""Tests of winclip_nb.data: decoding, dataset layouts, k-shot draws, synthetic generator,
+safe files (atomic writes, the file lock)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -14,12 +19,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from winclip_nb.core.errors import ConfigError, DataError, ImageReadError
 from winclip_nb.data import (
-    IMAGE_EXTENSIONS,
     MVTEC_CLASSES,
     SYNTHETIC_CLASSES,
     SYNTHETIC_DEFECTS,
-    SYNTHETIC_MARKER,
     ClassData,
     DataWarning,
     TestSample,
@@ -38,7 +42,12 @@ from winclip_nb.data import (
     sample_k_shot,
     synthetic_image_seed,
 )
-from winclip_nb.errors import ConfigError, DataError, ImageReadError
+from winclip_nb.data.files import atomic_write, file_lock
+from winclip_nb.data.images import IMAGE_EXTENSIONS
+from winclip_nb.data.synthetic import SYNTHETIC_MARKER
+
+LOCK_NAME = ".generating.lock"  # the synthetic set's generation lock under its root
+REPO = Path(__file__).resolve().parents[1]
 
 SIZE = 64  # synthetic image size used in these tests (fast)
 
@@ -62,8 +71,9 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 # --- class lists -------------------------------------------------------------------
 def test_class_lists_and_kinds() -> None:
-    assert len(MVTEC_CLASSES) == 15
-    textures = {name for name, kind in MVTEC_CLASSES.items() if kind == "texture"}
+    assert len(MVTEC_CLASSES) == 15 and len(set(MVTEC_CLASSES)) == 15
+    assert list(MVTEC_CLASSES) == sorted(MVTEC_CLASSES)  # the dataset's order
+    textures = {name for name in MVTEC_CLASSES if class_kind(name) == "texture"}
     assert textures == {"carpet", "grid", "leather", "tile", "wood"}
     assert class_kind("Carpet") == "texture"
     assert class_kind("weave") == "texture"
@@ -404,7 +414,8 @@ def test_synthetic_generation_is_deterministic(tmp_path: Path) -> None:
     b = _tree_bytes(make_synthetic_mvtec(tmp_path / "b", **kwargs))
     assert a == b
     n_per_class = 2 + 1 + 2 * len(SYNTHETIC_DEFECTS)  # images + masks
-    assert len(a) == 1 + n_per_class * len(SYNTHETIC_CLASSES)
+    assert len(a) == 2 + n_per_class * len(SYNTHETIC_CLASSES)  # + marker and lock file
+    assert a[LOCK_NAME] == b""  # the generation lock is an empty file, kept
     c = _tree_bytes(make_synthetic_mvtec(tmp_path / "c", **kwargs, seed=1))
     assert c.keys() == a.keys() and c["disc/train/good/000.png"] != a["disc/train/good/000.png"]
     marker = json.loads(a[SYNTHETIC_MARKER])
@@ -438,18 +449,43 @@ def test_concurrent_generation_into_one_root(tmp_path: Path) -> None:
     with ThreadPoolExecutor(3) as pool:
         roots = list(pool.map(lambda _: make_synthetic_mvtec(root, **kwargs), range(3)))
     assert roots == [root] * 3
-    assert not (root / ".generating.lock").exists()
+    assert (root / LOCK_NAME).is_file()  # a file_lock: the file stays, the lock goes
     assert _tree_bytes(root) == _tree_bytes(make_synthetic_mvtec(tmp_path / "single", **kwargs))
 
 
-def test_stale_lock_is_taken_over(tmp_path: Path) -> None:
+def test_generation_waits_for_the_holder_of_the_root_lock(tmp_path: Path) -> None:
+    """Generation takes ``file_lock(<root>/.generating.lock)``: while another holder has
+    it, nothing is written; once released, the set is generated."""
     root = tmp_path / "syn"
-    lock = root / ".generating.lock"
-    lock.mkdir(parents=True)
-    old = time.time() - 3600
-    os.utime(lock, (old, old))
+    done: list[Path] = []
+    worker = threading.Thread(
+        target=lambda: done.append(make_synthetic_mvtec(root, ["disc"], image_size=SIZE, n_train=1))
+    )
+    with file_lock(root / LOCK_NAME):
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and not done  # waiting for the lock
+        assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]  # nothing written yet
+    worker.join(60)
+    assert done == [root] and is_synthetic_root(root)
+    assert list_mvtec_classes(root) == ["disc"]
+
+
+@pytest.mark.parametrize("leftover", ["folder", "file"])
+def test_leftover_lock_does_not_block_generation(tmp_path: Path, leftover: str) -> None:
+    """A lock left by a killed run never blocks: the previous version locked with a
+    folder (``mkdir``), removed now whatever its age; a lock file is only a file (a killed
+    holder's flock went with its process)."""
+    root = tmp_path / "syn"
+    lock = root / LOCK_NAME
+    if leftover == "folder":
+        lock.mkdir(parents=True)  # fresh, not old: age no longer matters
+        (lock / "owner").write_text("12345")
+    else:
+        root.mkdir()
+        lock.write_text("left by a killed run")
     make_synthetic_mvtec(root, ["weave"], image_size=SIZE, n_train=1)
-    assert is_synthetic_root(root) and not lock.exists()
+    assert is_synthetic_root(root) and lock.is_file()
     assert list_mvtec_classes(root) == ["weave"]
 
 
@@ -475,7 +511,8 @@ def _background_distance(image: np.ndarray) -> np.ndarray:
 def test_synthetic_files_match_renders_and_masks_lie_on_the_object(synthetic_root: Path) -> None:
     """Saved masks are non-empty 0/255 PNGs equal to the rendered defect masks, which lie
     inside the rendered object mask; the object mask is the object visible in the image."""
-    for name, kind in SYNTHETIC_CLASSES.items():
+    for name in SYNTHETIC_CLASSES:
+        kind = class_kind(name)
         data = load_mvtec_class(synthetic_root, name)
         for sample in data.test:
             seed = synthetic_image_seed(0, name, "test", sample.defect, int(sample.path.stem))
@@ -534,3 +571,113 @@ def test_default_synthetic_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert default_synthetic_root() == tmp_path / "synthetic_mvtec"
     monkeypatch.delenv("WINCLIP_NB_CACHE")
     assert default_synthetic_root() == Path.home() / ".cache" / "winclip_nb" / "synthetic_mvtec"
+
+
+# --- safe files: atomic_write, file_lock ---------------------------------------------------
+#: Run as ``python -c``: hold ``file_lock(argv[1])``, say so, wait ``argv[2]`` seconds,
+#: append "holder" to the log ``argv[3]``, release.
+LOCK_HOLDER = """
+import sys, time
+from winclip_nb.data import file_lock
+with file_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    with open(sys.argv[3], "a") as log:
+        log.write("holder\\n")
+"""
+
+
+def _hold_lock(lock: Path, seconds: float, log: Path) -> subprocess.Popen:
+    """A second process holding ``lock`` (returned once it holds it)."""
+    path = os.environ.get("PYTHONPATH")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCK_HOLDER, str(lock), str(seconds), str(log)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), path]))),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    assert line == "locked\n", line
+    return proc
+
+
+def _acquire_in_thread(lock: Path, log: Path) -> threading.Thread:
+    def take() -> None:
+        with file_lock(lock):
+            with open(log, "a") as handle:
+                handle.write("waiter\n")
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_file_lock_serialises_two_processes(tmp_path: Path) -> None:
+    lock, log = tmp_path / "sub" / ".lock", tmp_path / "log.txt"
+    proc = _hold_lock(lock, 1.5, log)
+    try:
+        start = time.monotonic()
+        waiter = _acquire_in_thread(lock, log)
+        waiter.join(30)
+        waited = time.monotonic() - start
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert not waiter.is_alive()
+    assert log.read_text().splitlines() == ["holder", "waiter"]  # one after the other
+    assert waited > 0.5  # it really waited for the other process
+    assert lock.is_file()  # the lock file stays; the lock itself is gone
+    with file_lock(lock):  # free again
+        pass
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_file_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
+    lock, log = tmp_path / ".lock", tmp_path / "log.txt"
+    proc = _hold_lock(lock, 120, log)
+    try:
+        waiter = _acquire_in_thread(lock, log)
+        waiter.join(0.5)
+        assert waiter.is_alive()  # held by the other process
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        waiter.join(30)
+    finally:
+        proc.kill()
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert not waiter.is_alive()
+    assert log.read_text().splitlines() == ["waiter"]  # the killed holder never wrote
+
+
+def test_atomic_write_text_bytes_and_folders(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "out.json"
+    assert atomic_write(target, '{"x": 1}\n') == target  # folders are created
+    assert target.read_text(encoding="utf-8") == '{"x": 1}\n'
+    atomic_write(target, b"\x00\xffbytes")
+    assert target.read_bytes() == b"\x00\xffbytes"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary left
+
+
+def test_atomic_write_failing_midway_leaves_no_temporary_and_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails after part of the data reached the temporary file (disk full):
+    the temporary file is removed and the target keeps its previous content."""
+    target = tmp_path / "results.json"
+    atomic_write(target, "old\n")
+    real_write = Path.write_text
+
+    def half_then_fail(self: Path, data: str, *args, **kwargs) -> int:
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        assert self.name.startswith(".results.json.") and self.exists()  # the temporary
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write(target, "new content\n" * 100)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert target.read_text(encoding="utf-8") == "old\n"

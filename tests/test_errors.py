@@ -71,12 +71,15 @@ Numerics: uniform and all-zero maps (MAD = 0), all-black and all-white images
       test_maps::test_uniform_maps_give_no_nan_or_inf
       test_detector::test_uniform_image_gives_finite_maps
       test_errors::test_black_and_white_images_with_a_constant_memory
-Memory banks: safetensors only, matching metadata
+Memory banks: safetensors only, a whole fitted class (format 2), matching metadata
       test_memory::test_memory_only_from_safetensors
       test_memory::test_memory_from_other_layers_is_refused
       test_detector::test_memory_from_other_layers_is_refused
+      test_errors::test_memory_bank_round_trip_restores_the_whole_class
       test_errors::test_pickled_memory_banks_are_never_unpickled
-      test_errors::test_memory_bank_of_another_model_is_refused
+      test_errors::test_memory_bank_of_another_model_is_refused (model, weights, size,
+          layers, method, window scales)
+      test_errors::test_memory_bank_of_the_first_format_is_refused_with_how_to_rebuild
       test_errors::test_memory_bank_without_its_tensors_is_refused
       test_errors::test_assigning_a_memory_uses_its_own_calibration
 Nothing lost: a crash in the 2nd class keeps the 1st; the rerun skips it
@@ -116,12 +119,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from winclip_nb import benchmark as B
 from winclip_nb import cli
-from winclip_nb import explain as E
-from winclip_nb.data import DataWarning, load_image, make_synthetic_mvtec, render_synthetic_image
-from winclip_nb.detector import WinCLIP
-from winclip_nb.errors import (
+from winclip_nb.bench import protocol as B
+from winclip_nb.bench.config import BenchmarkConfig
+from winclip_nb.bench.metrics import METRIC_KEYS
+from winclip_nb.core.anchors import TextAnchors
+from winclip_nb.core.config import WinCLIPConfig
+from winclip_nb.core.detector import FittedClass
+from winclip_nb.core.errors import (
     ConfigError,
     DataError,
     DeviceError,
@@ -129,10 +134,13 @@ from winclip_nb.errors import (
     ImageReadError,
     MemoryBankError,
 )
-from winclip_nb.maps import find_hotspots
-from winclip_nb.memory import NormalMemory
-from winclip_nb.metrics import METRIC_KEYS
-from winclip_nb.results import DetectionResult
+from winclip_nb.core.maps import find_hotspots
+from winclip_nb.core.results import DetectionResult
+from winclip_nb.data import DataWarning, load_image, make_synthetic_mvtec, render_synthetic_image
+from winclip_nb.explain.llava import LlavaExplainer, load_explainer
+from winclip_nb.explain.report import detect_and_explain, explain_result
+from winclip_nb.explain.rules import RuleBasedExplainer
+from winclip_nb.winclip import WinCLIP
 
 IMAGE_SIZE = 112
 EVAL_SIZE = 64  # pixel metrics at the synthetic images' own size
@@ -180,14 +188,13 @@ def all_finite(result: DetectionResult) -> bool:
 
 
 # ------------------------------------------------------------------------------ fixtures
-def _seeded_anchors(self: WinCLIP, class_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _seeded_anchors(self: WinCLIP, class_name: str) -> TextAnchors:
     """Stand-in for ``build_text_anchors``: two unit vectors seeded by the class name."""
     if not class_name or not str(class_name).strip():
         raise ConfigError(f"class_name must be a non-empty string, got {class_name!r}")
     gen = torch.Generator().manual_seed(zlib.crc32(str(class_name).encode("utf-8")))
     anchors = F.normalize(torch.randn(2, self.backbone.embed_dim, generator=gen), dim=-1)
-    self.class_name = class_name
-    return anchors[0].to(self.device), anchors[1].to(self.device)
+    return TextAnchors(anchors[0].to(self.device), anchors[1].to(self.device), str(class_name))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -205,7 +212,8 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def winclip() -> WinCLIP:
     """The model a benchmark run with these settings builds (random init, seed 0, 112 px)."""
-    cfg = B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu").validate()
+    model = WinCLIPConfig(pretrained="random", image_size=IMAGE_SIZE, device="cpu")
+    cfg = BenchmarkConfig(model=model).validate()
     return B._load_model(cfg, "random", 0, CPU)
 
 
@@ -224,8 +232,8 @@ def no_model(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def disc_bank(winclip, root) -> tuple[NormalMemory, tuple[torch.Tensor, torch.Tensor]]:
-    """A memory of the two disc training images (built once) and the disc anchors."""
+def disc_bank(winclip, root) -> tuple[FittedClass, TextAnchors]:
+    """The disc class fitted on its two training images (once) and the disc anchors."""
     anchors = winclip.build_text_anchors("disc")
     train = sorted((root / "disc" / "train" / "good").glob("*.png"))
     return winclip.build_normal_memory(train, *anchors, progress=False), anchors
@@ -233,10 +241,10 @@ def disc_bank(winclip, root) -> tuple[NormalMemory, tuple[torch.Tensor, torch.Te
 
 @pytest.fixture()
 def disc_memory(winclip, disc_bank):
-    """The module's model with the disc memory in place; returns the disc anchors."""
-    memory, anchors = disc_bank
-    winclip.memory = memory
-    winclip.class_name = "disc"
+    """The module's model with the fitted disc class in place; returns the disc anchors."""
+    fitted, anchors = disc_bank
+    winclip.fitted = fitted
+    assert fitted.class_name == "disc"
     return anchors
 
 
@@ -260,12 +268,12 @@ def test_missing_image_paths_name_the_path(winclip, disc_memory, root, tmp_path)
 
 
 def test_corrupt_training_image_stops_the_memory_build(winclip, disc_memory, root, tmp_path):
-    before = winclip.memory
+    before = winclip.fitted
     bad = truncated_png(tmp_path / "train" / "001.png")
     good = root / "disc" / "train" / "good" / "000.png"
     with pytest.raises(ImageReadError, match=r"train.001\.png.*corrupt, truncated"):
         winclip.build_normal_memory([good, bad], *disc_memory, progress=False)
-    assert winclip.memory is before  # the previous memory is kept, not half replaced
+    assert winclip.fitted is before  # the previous class is kept, not half replaced
 
 
 def test_corrupt_test_image_stops_detect(winclip, disc_memory, root, tmp_path):
@@ -334,42 +342,107 @@ def test_black_and_white_images_with_a_constant_memory(winclip, disc_memory):
         for result in winclip.detect(images, *disc_memory, normalization=normalization):
             assert all_finite(result), normalization
             assert result.anomaly_map.shape == (80, 80)
-    winclip.memory = None  # zero-shot: text map only
-    with pytest.warns(UserWarning, match="zero-shot"):
+    winclip.fitted = None  # zero-shot: text map only
+    with pytest.warns(UserWarning, match="calibrated normalisation needs .*using per_image"):
         zero_shot = winclip.detect(images, *disc_memory)
     assert all(all_finite(r) and r.nn_map is None for r in zero_shot)
+    assert all(r.normalization == "per_image" and r.text_map is not None for r in zero_shot)
 
 
 def test_assigning_a_memory_uses_its_own_calibration(winclip, disc_memory, root):
+    """A fitted class carries its own calibration: switching classes (``winclip.fitted``
+    or ``detect(fitted=...)``) never mixes one memory with another's statistics."""
     image = root / "disc" / "test" / "hole" / "000.png"
     expected = winclip.detect(image, *disc_memory).anomaly_map
-    disc = winclip.memory
+    disc = winclip.fitted
     black = np.zeros((64, 64, 3), np.uint8)
-    winclip.build_normal_memory([black, black.copy()], *disc_memory, progress=False)
-    winclip.detect(image, *disc_memory)  # calibrates the black memory
-    winclip.memory = disc  # e.g. switching between the memories of several classes
+    black_fit = winclip.build_normal_memory([black, black.copy()], *disc_memory, progress=False)
+    assert winclip.fitted is black_fit and black_fit.calibration is not disc.calibration
+    on_black = winclip.detect(image, *disc_memory).anomaly_map  # the black memory
+    assert not np.allclose(on_black, expected, atol=1e-4)
+    np.testing.assert_allclose(  # another class given explicitly, the fitted one untouched
+        winclip.detect(image, fitted=disc).anomaly_map, expected, atol=1e-4
+    )
+    assert winclip.fitted is black_fit
+    winclip.fitted = disc  # e.g. switching between the memories of several classes
     np.testing.assert_allclose(winclip.detect(image, *disc_memory).anomaly_map, expected, atol=1e-4)
 
 
 # -------------------------------------------------------------------------- memory banks
+#: What the module's model records in a bank file, and a value of another model for each.
+OUR_SETTINGS = {
+    "model_name": "ViT-B-16",
+    "weights": "random",
+    "image_size": IMAGE_SIZE,
+    "layers": [9, 10, 11],
+    "method": "tokens",
+    "window_scales": [2, 3],
+}
+
+
+def test_memory_bank_round_trip_restores_the_whole_class(winclip, disc_memory, root, tmp_path):
+    """A bank file holds the fitted class: memory, calibration and anchors (format 2)."""
+    image = root / "disc" / "test" / "hole" / "000.png"
+    disc = winclip.fitted
+    expected = winclip.detect(image, *disc_memory).anomaly_map
+    path = winclip.save_memory(tmp_path / "disc.safetensors")
+    winclip.fitted = None
+    loaded = winclip.load_memory(path)
+    assert winclip.fitted is loaded and loaded.class_name == "disc"
+    assert torch.equal(loaded.memory.bank, disc.memory.bank)
+    assert loaded.calibration.branch_stats == disc.calibration.branch_stats
+    assert all(torch.equal(a, b) for a, b in zip(loaded.anchors, disc.anchors, strict=True))
+    # No anchors needed: the loaded class detects as the one that was saved.
+    np.testing.assert_allclose(winclip.detect(image).anomaly_map, expected, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "key, value",
-    [("model_name", "ViT-L-14"), ("weights", "openai"), ("image_size", 224)],
+    [
+        ("model_name", "ViT-L-14"),
+        ("weights", "openai"),
+        ("image_size", 224),
+        ("layers", [6, 9]),
+        ("method", "windows"),
+        ("window_scales", [2]),
+    ],
 )
 def test_memory_bank_of_another_model_is_refused(winclip, disc_memory, tmp_path, key, value):
-    memory = winclip.memory
-    other = NormalMemory(
-        memory.bank.clone(),
-        memory.source_image,
-        memory.source_patch,
-        dict(memory.metadata, **{key: value}),
-    )
-    path = other.save(tmp_path / "other.safetensors")
-    with pytest.raises(MemoryBankError, match=f"{key}={value!r}.*rebuild") as info:
+    from winclip_nb.data.banks import save_fitted
+
+    fitted = winclip.fitted
+    settings = winclip._model_settings()
+    assert settings == OUR_SETTINGS
+    path = save_fitted(fitted, tmp_path / "other.safetensors", dict(settings, **{key: value}))
+    with pytest.raises(MemoryBankError, match=re.escape(f"{key}={value!r}") + ".*rebuild") as info:
         winclip.load_memory(path)
-    ours = {"model_name": "ViT-B-16", "weights": "random", "image_size": IMAGE_SIZE}[key]
+    ours = OUR_SETTINGS[key]
     assert str(path) in str(info.value) and f"this model uses {key}={ours!r}" in str(info.value)
-    assert winclip.memory is memory  # the refused bank replaced nothing
+    assert winclip.fitted is fitted  # the refused bank replaced nothing
+
+
+def test_memory_bank_of_the_first_format_is_refused_with_how_to_rebuild(
+    winclip, disc_memory, tmp_path
+):
+    """Format 1 stored only a memory (bank and sources, settings flat in the header)."""
+    from safetensors.torch import save_file
+
+    fitted = winclip.fitted
+    memory = fitted.memory
+    old_meta = dict(OUR_SETTINGS, format_version=1, coreset_ratio=0.1, n_images=2)
+    path = tmp_path / "format1.safetensors"
+    tensors = {
+        "bank": memory.bank.contiguous(),
+        "source_image": memory.source_image.contiguous(),
+        "source_patch": memory.source_patch.contiguous(),
+    }
+    save_file(tensors, str(path), metadata={"winclip_nb": json.dumps(old_meta, sort_keys=True)})
+    with pytest.raises(MemoryBankError, match=r"older format \(1\); rebuild it") as info:
+        winclip.load_memory(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "build_normal_memory" in message and "save_memory" in message  # how to rebuild
+    assert winclip.fitted is fitted
 
 
 class _WritesFileWhenUnpickled:
@@ -380,31 +453,50 @@ class _WritesFileWhenUnpickled:
         return (open, (str(self.marker), "w"))
 
 
-def test_pickled_memory_banks_are_never_unpickled(tmp_path):
+def test_pickled_memory_banks_are_never_unpickled(winclip, tmp_path):
     marker = tmp_path / "unpickled"
     payload = pickle.dumps({"bank": _WritesFileWhenUnpickled(marker)})
+    before = winclip.fitted
     for name in ("bank.pt", "bank.safetensors", "bank.pkl"):
         (tmp_path / name).write_bytes(payload)
         with pytest.raises(MemoryBankError, match=name.replace(".", r"\.")):
-            NormalMemory.load(tmp_path / name)
+            winclip.load_memory(tmp_path / name)
     assert not marker.exists()
-    # A valid safetensors file that was not written by NormalMemory.save.
+    # A valid safetensors file that was not written by save_memory.
     from safetensors.torch import save_file
 
     plain = tmp_path / "plain.safetensors"
     save_file({"bank": torch.zeros(1, 2, 3)}, str(plain))
     with pytest.raises(MemoryBankError, match=r"plain\.safetensors is not a winclip_nb memory"):
-        NormalMemory.load(plain)
+        winclip.load_memory(plain)
+    assert winclip.fitted is before
 
 
-def test_memory_bank_without_its_tensors_is_refused(tmp_path):
-    from safetensors.torch import save_file
+@pytest.mark.parametrize(
+    "prefix, named",
+    [
+        ("memory.", r"does not hold a NormalMemory: .*'bank'"),
+        ("anchors.", r"is not a complete memory bank: 'anchors\.normal' is missing"),
+        ("calibration.fg", r"is not a complete memory bank: 'calibration\.fg_masks' is missing"),
+    ],
+    ids=["memory", "anchors", "calibration masks"],
+)
+def test_memory_bank_without_its_tensors_is_refused(winclip, disc_memory, tmp_path, prefix, named):
+    """The header of a bank of this very model, but tensors of the class missing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    fitted = winclip.fitted
+    full = winclip.save_memory(tmp_path / "full.safetensors")
+    with safe_open(str(full), framework="pt") as handle:
+        header = handle.metadata()
+    tensors = {k: v for k, v in load_file(str(full)).items() if not k.startswith(prefix)}
+    tensors["something_else"] = torch.zeros(2)
     path = tmp_path / "empty.safetensors"
-    meta = {"winclip_nb": json.dumps({"model_name": "ViT-B-16", "layers": [9, 10, 11]})}
-    save_file({"something_else": torch.zeros(2)}, str(path), metadata=meta)
-    with pytest.raises(MemoryBankError, match=r"empty\.safetensors.*bank"):
-        NormalMemory.load(path)
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(MemoryBankError, match=r"empty\.safetensors " + named):
+        winclip.load_memory(path)
+    assert winclip.fitted is fitted
 
 
 # ------------------------------------------------------------------------------ device
@@ -421,9 +513,9 @@ def test_winclip_on_cuda_without_cuda():
         (["--layers", "9", "12"], "unknown layer indices [12]"),
         (["--weights", "/nonexistent.pt"], "weights file not found: /nonexistent.pt"),
         (["--classes", "../x"], "invalid class name '../x'"),
-        (["--coreset-ratio", "1.5"], "coreset_ratio must be in (0, 1], got 1.5"),
+        (["--coreset-ratio", "1.5"], "coreset_ratio must be a number in (0, 1], got 1.5"),
         (["--text-weight", "0", "--nn-weight", "0"], "text_weight + nn_weight must be > 0"),
-        (["--image-size", "16"], "image_size must be >= 32, got 16"),
+        (["--image-size", "16"], "image_size must be an integer >= 32, got 16"),
     ],
     ids=["layers 9 12", "missing weights", "classes", "coreset ratio", "zero weights", "size"],
 )
@@ -437,8 +529,11 @@ def test_benchmark_cli_settings_errors(disc_copy, tmp_path, capsys, no_model, ex
 
 
 def test_class_name_with_dot_dot_is_a_data_error(disc_copy, tmp_path, no_model):
-    cfg = B.BenchmarkConfig(
-        data_root=str(disc_copy), classes=["../x"], weights="random", out=str(tmp_path / "o")
+    cfg = BenchmarkConfig(
+        data_root=str(disc_copy),
+        classes=["../x"],
+        model=WinCLIPConfig(pretrained="random"),
+        out=str(tmp_path / "o"),
     )
     with pytest.raises(DataError, match=r"invalid class name '\.\./x'"):
         B.run_benchmark(cfg, progress=False, verbose=False)
@@ -510,12 +605,10 @@ def test_stray_files_and_odd_mask_size_in_a_benchmark_run(disc_copy, tmp_path, r
 
 # ------------------------------------------------------------------------- nothing lost
 def test_crash_in_the_second_class_keeps_the_first(root, tmp_path, reuse_model, monkeypatch):
-    cfg = B.BenchmarkConfig(
+    cfg = BenchmarkConfig(
         data_root=str(root),
         classes=["disc", "weave"],
-        weights="random",
-        image_size=IMAGE_SIZE,
-        device="cpu",
+        model=WinCLIPConfig(pretrained="random", image_size=IMAGE_SIZE, device="cpu"),
         eval_size=EVAL_SIZE,
         out=str(tmp_path / "out"),
     )
@@ -596,7 +689,7 @@ def _fail_llava_load(monkeypatch, error: BaseException, where: str) -> None:
         def raise_error(*args, **kwargs):
             raise error
 
-        monkeypatch.setattr(E.LlavaExplainer, "from_pretrained", raise_error)
+        monkeypatch.setattr(LlavaExplainer, "from_pretrained", raise_error)
         return
     import transformers
 
@@ -634,7 +727,7 @@ def test_llava_out_of_memory_at_load_falls_back(
     llava_dir.mkdir()
     _fail_llava_load(monkeypatch, error, where)
     image = root / "disc" / "test" / "hole" / "000.png"
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         winclip, image, *disc_memory, "disc", use_llava="auto", llava_model=llava_dir,
         out_dir=tmp_path / "out",
     )  # fmt: skip
@@ -647,7 +740,7 @@ def test_llava_out_of_memory_at_load_falls_back(
     assert saved["explainer"] == "rule-based"
     # Asked for LLaVA explicitly: the same cause is an ExplainerError naming the model.
     with pytest.raises(ExplainerError, match=f"{re.escape(str(llava_dir))}.*out of memory"):
-        E.load_explainer(True, llava_dir, device="cpu")
+        load_explainer(True, llava_dir, device="cpu")
 
 
 def test_benchmark_explains_rule_based_when_llava_cannot_load(
@@ -676,32 +769,32 @@ def test_llava_out_of_memory_while_generating(monkeypatch):
     fg = np.zeros((96, 96), bool)
     fg[20:80, 20:80] = True
     result = DetectionResult(
-        anomaly_map=anomaly_map, score=9.0, text_map=np.zeros((7, 7), np.float32), nn_map=None,
+        anomaly_map=anomaly_map, score=9.0, branch_maps={"text_map": np.zeros((7, 7), np.float32)},
         fused_map=np.zeros((7, 7), np.float32), fg_mask=fg,
         hotspots=find_hotspots(anomaly_map, 3.0, 3, 0.0, fg), text_score=0.5,
         normalization="calibrated", random_weights=False,
     )  # fmt: skip
-    explainer = E.LlavaExplainer(None, None, "llava:fake", "cpu", torch.float32, 3.0)
+    explainer = LlavaExplainer(None, None, "llava:fake", "cpu", torch.float32, 3.0)
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
     monkeypatch.setattr(explainer, "ask", out_of_memory)
-    report = E.explain_result(result, image, "disc", explainer)
+    report = explain_result(result, image, "disc", explainer)
     (region,) = report["regions"]
     assert region["description_source"].startswith("rule-based (LLaVA failed: OutOfMemoryError")
-    rule_based = E.RuleBasedExplainer(3.0).explain_region(image, result, result.hotspots[0], "disc")
+    rule_based = RuleBasedExplainer(3.0).explain_region(image, result, result.hotspots[0], "disc")
     assert region["description"] == rule_based["description"]
     assert "(description source: rule-based (LLaVA failed" in report["explanation"]
 
 
 def test_explain_cli_checks_image_paths_before_the_model(tmp_path, capsys, monkeypatch, root):
-    import winclip_nb.detector as detector
+    import winclip_nb.winclip as winclip_module
 
     def refuse(**kwargs):
         raise AssertionError("the model was built before the image paths were checked")
 
-    monkeypatch.setattr(detector, "WinCLIP", refuse)
+    monkeypatch.setattr(winclip_module, "WinCLIP", refuse)
     missing = tmp_path / "missing.png"
     argv = [
         "explain", str(root / "disc" / "test" / "good" / "000.png"), str(missing),
@@ -717,9 +810,9 @@ def test_explain_cli_checks_image_paths_before_the_model(tmp_path, capsys, monke
 def test_explain_cli_with_hostile_names_writes_only_in_out(
     winclip, root, tmp_path, capsys, monkeypatch
 ):
-    import winclip_nb.detector as detector
+    import winclip_nb.winclip as winclip_module
 
-    monkeypatch.setattr(detector, "WinCLIP", lambda **kwargs: winclip)
+    monkeypatch.setattr(winclip_module, "WinCLIP", lambda **kwargs: winclip)
     source = root / "disc" / "test" / "hole" / "000.png"
     images = []
     for name in ("..evil.png", "...png"):

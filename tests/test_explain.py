@@ -17,10 +17,37 @@ import pytest
 import torch
 from PIL import Image
 
-from winclip_nb import explain as E
-from winclip_nb.errors import ExplainerError
-from winclip_nb.maps import find_hotspots
-from winclip_nb.results import DetectionResult
+from winclip_nb.core.errors import ExplainerError
+from winclip_nb.core.maps import find_hotspots
+from winclip_nb.core.results import DetectionResult
+from winclip_nb.explain.llava import (
+    DEFAULT_LLAVA_MODEL,
+    MAX_DESCRIPTION_CHARS,
+    LlavaExplainer,
+    load_explainer,
+    parse_llava_answer,
+)
+from winclip_nb.explain.report import (
+    add_explain_arguments,
+    detect_and_explain,
+    explain_images,
+    explain_result,
+    run_explain_cli,
+    safe_stem,
+    write_report_files,
+)
+from winclip_nb.explain.rules import (
+    CONTRAST_MIN_GREY,
+    ELONGATED_RATIO,
+    HIGH_CONTRAST_GREY,
+    RuleBasedExplainer,
+    confidence_from_z,
+    location_words,
+    max_severity,
+    region_appearance,
+    severity_from_z,
+    size_word,
+)
 
 REGION_KEYS = {
     "id",
@@ -71,8 +98,7 @@ def make_scene(
     result = DetectionResult(
         anomaly_map=anomaly_map,
         score=float(anomaly_map.max()),
-        text_map=np.zeros((14, 14), np.float32),
-        nn_map=None,
+        branch_maps={"text_map": np.zeros((14, 14), np.float32)},
         fused_map=np.zeros((14, 14), np.float32),
         fg_mask=fg_mask,
         hotspots=hotspots,
@@ -96,9 +122,9 @@ class FakeWinCLIP:
         self.config = FakeConfig()
         self.calls: list[str] = []
 
-    def detect(self, image, normal_anchor, anomalous_anchor, top_k=None):
+    def detect(self, image, normal_anchor, anomalous_anchor, top_k=None, fitted=None):
         if isinstance(image, (list, tuple)):
-            return [self.detect(i, normal_anchor, anomalous_anchor, top_k) for i in image]
+            return [self.detect(i, normal_anchor, anomalous_anchor, top_k, fitted) for i in image]
         self.calls.append(Path(image).name)
         return self.results[Path(image).name]
 
@@ -134,19 +160,19 @@ def test_location_words_covers_the_3x3_grid_of_the_foreground_box():
     }
     for (col, row), words in expected.items():
         x, y = 30 + 30 * col + 10, 30 + 30 * row + 10
-        assert E.location_words((x, y, x + 10, y + 10), fg) == words
+        assert location_words((x, y, x + 10, y + 10), fg) == words
     # The grid follows the object, not the image: image-centre box is the object's top left.
-    assert E.location_words((50, 50, 56, 56), fg) == "top left"
+    assert location_words((50, 50, 56, 56), fg) == "top left"
 
 
 def test_location_words_uses_whole_image_for_textures_and_empty_masks():
     box = (50, 50, 60, 60)  # image centre of a 120 px image
-    assert E.location_words(box, np.ones((120, 120), bool)) == "centre"
-    assert E.location_words(box, np.zeros((120, 120), bool)) == "centre"
-    assert E.location_words(box, None, (120, 120)) == "centre"
-    assert E.location_words((100, 5, 110, 15), None, (120, 120)) == "top right"
+    assert location_words(box, np.ones((120, 120), bool)) == "centre"
+    assert location_words(box, np.zeros((120, 120), bool)) == "centre"
+    assert location_words(box, None, (120, 120)) == "centre"
+    assert location_words((100, 5, 110, 15), None, (120, 120)) == "top right"
     with pytest.raises(ValueError):
-        E.location_words(box, None)
+        location_words(box, None)
 
 
 @pytest.mark.parametrize(
@@ -162,25 +188,25 @@ def test_location_words_uses_whole_image_for_textures_and_empty_masks():
     ],
 )
 def test_severity_from_z_thresholds(peak, mean, area, expected):
-    assert E.severity_from_z(peak, mean, area) == expected
+    assert severity_from_z(peak, mean, area) == expected
 
 
 def test_confidence_is_logistic_in_peak_z():
-    assert E.confidence_from_z(5.0) == pytest.approx(0.5)
-    assert E.confidence_from_z(3.0) == pytest.approx(1 / (1 + math.exp(2 / 1.5)))
-    values = [E.confidence_from_z(z) for z in (3, 4, 6, 10, 20)]
+    assert confidence_from_z(5.0) == pytest.approx(0.5)
+    assert confidence_from_z(3.0) == pytest.approx(1 / (1 + math.exp(2 / 1.5)))
+    values = [confidence_from_z(z) for z in (3, 4, 6, 10, 20)]
     assert values == sorted(values) and 0 < values[0] and values[-1] <= 1.0
 
 
 def test_size_word_and_max_severity():
-    assert [E.size_word(a) for a in (0.0049, 0.005, 0.0299, 0.03)] == [
+    assert [size_word(a) for a in (0.0049, 0.005, 0.0299, 0.03)] == [
         "small",
         "medium",
         "medium",
         "large",
     ]
-    assert E.max_severity(["low", "medium"]) == "medium"
-    assert E.max_severity([]) is None
+    assert max_severity(["low", "medium"]) == "medium"
+    assert max_severity([]) is None
 
 
 @pytest.mark.parametrize(
@@ -221,30 +247,30 @@ def test_size_word_and_max_severity():
     ],
 )
 def test_parse_llava_answer(answer, expected):
-    assert E.parse_llava_answer(answer) == expected
+    assert parse_llava_answer(answer) == expected
 
 
 def test_parse_llava_answer_caps_long_descriptions():
-    description, _ = E.parse_llava_answer(json.dumps({"description": "word " * 200}))
-    assert len(description) == E.MAX_DESCRIPTION_CHARS and description.endswith("...")
+    description, _ = parse_llava_answer(json.dumps({"description": "word " * 200}))
+    assert len(description) == MAX_DESCRIPTION_CHARS and description.endswith("...")
 
 
 def test_safe_stem_never_leaves_the_folder():
     for name in ["../../etc/passwd", "..", "a/../../b.png", "/abs/x.png", "..\\..\\win.png"]:
-        stem = E.safe_stem(name)
+        stem = safe_stem(name)
         assert stem and "/" not in stem and "\\" not in stem and not stem.startswith(".")
-    assert E.safe_stem("test/crack/003.png") == "003"
-    assert E.safe_stem(np.zeros((2, 2))) == "image"
+    assert safe_stem("test/crack/003.png") == "003"
+    assert safe_stem(np.zeros((2, 2))) == "image"
 
 
 # ---------------------------------------------------------------------- rule-based
 def test_rule_based_dark_spot_top_left():
     image, result = make_scene((30, 30), spot_value=30)
     hotspot = result.hotspots[0]
-    out = E.RuleBasedExplainer().explain_region(image, result, hotspot, "metal_nut")
+    out = RuleBasedExplainer().explain_region(image, result, hotspot, "metal_nut")
     assert out["location"] == "top left"
     assert out["severity"] == "high"  # peak 9 >= 8
-    assert out["confidence"] == pytest.approx(E.confidence_from_z(hotspot.peak))
+    assert out["confidence"] == pytest.approx(confidence_from_z(hotspot.peak))
     description = out["description"]
     assert "darker than its surroundings" in description
     assert "high-contrast" in description and "spot-like" in description
@@ -254,16 +280,16 @@ def test_rule_based_dark_spot_top_left():
 
 def test_rule_based_bright_scratch_and_flat_region():
     image, result = make_scene((60, 60), line=True)
-    out = E.RuleBasedExplainer().explain_region(image, result, result.hotspots[0], "disc")
+    out = RuleBasedExplainer().explain_region(image, result, result.hotspots[0], "disc")
     assert out["location"] == "centre"
     assert "brighter than its surroundings" in out["description"]
     assert "scratch-like" in out["description"]
-    look = E.region_appearance(image, result.anomaly_map, result.hotspots[0].box, result.fg_mask)
-    assert look["elongation"] > E.ELONGATED_RATIO and look["contrast"] > E.HIGH_CONTRAST_GREY
+    look = region_appearance(image, result.anomaly_map, result.hotspots[0].box, result.fg_mask)
+    assert look["elongation"] > ELONGATED_RATIO and look["contrast"] > HIGH_CONTRAST_GREY
     # Same map on an unchanged object: no brightness change to report.
     plain, _ = make_scene(None)
-    look = E.region_appearance(plain, result.anomaly_map, result.hotspots[0].box, result.fg_mask)
-    assert look["tone"] == "similar" and abs(look["contrast"]) < E.CONTRAST_MIN_GREY
+    look = region_appearance(plain, result.anomaly_map, result.hotspots[0].box, result.fg_mask)
+    assert look["tone"] == "similar" and abs(look["contrast"]) < CONTRAST_MIN_GREY
 
 
 # ---------------------------------------------------------------------------- reports
@@ -272,7 +298,7 @@ def test_report_files_text_json_and_random_weights(tmp_path):
     image_path = save_png(tmp_path / "in" / "part 7.png", image)
     winclip = FakeWinCLIP({"part 7.png": result}, random_weights=True)
     out_dir = tmp_path / "out"
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         winclip, image_path, None, None, "disc", use_llava=False, out_dir=out_dir
     )
     assert report["explainer"] == "rule-based" and report["random_weights"] is True
@@ -297,7 +323,7 @@ def test_report_files_text_json_and_random_weights(tmp_path):
 
     winclip.random_weights = False
     result.random_weights = False
-    report = E.detect_and_explain(winclip, image_path, None, None, "disc", use_llava=False)
+    report = detect_and_explain(winclip, image_path, None, None, "disc", use_llava=False)
     assert report["paths"] == {} and "RANDOM WEIGHTS" not in report["explanation"]
 
 
@@ -305,7 +331,7 @@ def test_normal_image_gets_no_regions(tmp_path):
     image, result = make_scene(None)
     assert result.hotspots == []
     image_path = save_png(tmp_path / "good.png", image)
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         FakeWinCLIP({"good.png": result}),
         image_path,
         None,
@@ -325,7 +351,7 @@ def test_file_names_with_dot_dot_stay_inside_out_dir(tmp_path):
     image, result = make_scene((30, 30))
     image_path = save_png(tmp_path / "in" / "..evil name!.png", image)
     out_dir = tmp_path / "a" / "out"
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         FakeWinCLIP({image_path.name: result}),
         image_path,
         None,
@@ -341,7 +367,7 @@ def test_file_names_with_dot_dot_stay_inside_out_dir(tmp_path):
     everything = {p for p in tmp_path.rglob("*") if p.is_file()}
     assert everything == {image_path} | {out_dir / n for n in written}
     # Writing with a hostile name directly also stays inside.
-    paths = E.write_report_files(dict(report), image, result, out_dir, "../../../x")
+    paths = write_report_files(dict(report), image, result, out_dir, "../../../x")
     assert all(Path(p).parent == out_dir for p in paths.values())
 
 
@@ -354,12 +380,12 @@ def test_explain_images_ranks_by_score_and_names_clashing_stems(tmp_path):
         results[folder] = result
 
     class ByFolder(FakeWinCLIP):
-        def detect(self, image, normal_anchor, anomalous_anchor, top_k=None):
+        def detect(self, image, normal_anchor, anomalous_anchor, top_k=None, fitted=None):
             if isinstance(image, (list, tuple)):
                 return [self.detect(i, normal_anchor, anomalous_anchor, top_k) for i in image]
             return self.results[Path(image).parent.name]
 
-    reports = E.explain_images(
+    reports = explain_images(
         ByFolder(results),
         list(files.values()),
         None,
@@ -383,7 +409,7 @@ def test_explain_images_ranks_by_score_and_names_clashing_stems(tmp_path):
 def test_viz_functions_return_matplotlib_objects(tmp_path):
     from matplotlib.figure import Figure
 
-    from winclip_nb import viz
+    from winclip_nb.nb import figures as viz
 
     image, result = make_scene((30, 30))
     fig = Figure()
@@ -405,33 +431,33 @@ def test_viz_functions_return_matplotlib_objects(tmp_path):
 
 # ------------------------------------------------------------------- explainer loading
 def test_load_explainer_auto_falls_back_and_true_raises(capsys):
-    explainer = E.load_explainer("auto", "/nonexistent/model")
-    assert isinstance(explainer, E.RuleBasedExplainer)
+    explainer = load_explainer("auto", "/nonexistent/model")
+    assert isinstance(explainer, RuleBasedExplainer)
     notice = capsys.readouterr().err.strip().splitlines()
     assert len(notice) == 1 and "/nonexistent/model" in notice[0]
     with pytest.raises(ExplainerError, match="/nonexistent"):
-        E.load_explainer(True, "/nonexistent")
-    assert isinstance(E.load_explainer(False, "/nonexistent"), E.RuleBasedExplainer)
+        load_explainer(True, "/nonexistent")
+    assert isinstance(load_explainer(False, "/nonexistent"), RuleBasedExplainer)
 
 
 def test_uncached_hub_id_fails_fast_when_offline(monkeypatch):
-    import winclip_nb.backbone as backbone
+    import winclip_nb.hub.weights as weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExplainerError, match="no-such-org/no-such-llava.*HF_HUB_OFFLINE"):
-        E.load_explainer(True, "no-such-org/no-such-llava")
+        load_explainer(True, "no-such-org/no-such-llava")
     # Not flagged offline, but the hub does not answer: no minutes of download retries.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(backbone, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ExplainerError, match="no-such-org/no-such-llava.*cannot be reached"):
-        E.load_explainer(True, "no-such-org/no-such-llava")
+        load_explainer(True, "no-such-org/no-such-llava")
 
 
 # ------------------------------------------------------------------------------ LLaVA
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
-    from winclip_nb.tiny_llava import build_tiny_llava
+    from winclip_nb.explain.tiny_llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0)
 
@@ -439,7 +465,7 @@ def tiny_llava(tmp_path_factory):
 def test_tiny_llava_is_deterministic(tiny_llava, tmp_path):
     from safetensors.torch import load_file
 
-    from winclip_nb.tiny_llava import build_tiny_llava
+    from winclip_nb.explain.tiny_llava import build_tiny_llava
 
     before = torch.random.get_rng_state()
     again = load_file(build_tiny_llava(tmp_path / "a", seed=0) / "model.safetensors")
@@ -452,19 +478,19 @@ def test_tiny_llava_is_deterministic(tiny_llava, tmp_path):
 
 
 def test_llava_explainer_with_tiny_model(tiny_llava, monkeypatch):
-    explainer = E.LlavaExplainer.from_pretrained(tiny_llava, device="cpu")
+    explainer = LlavaExplainer.from_pretrained(tiny_llava, device="cpu")
     assert explainer.name == f"llava:{tiny_llava}"
-    assert E.LlavaExplainer.from_pretrained(str(tiny_llava), device="cpu").model is explainer.model
+    assert LlavaExplainer.from_pretrained(str(tiny_llava), device="cpu").model is explainer.model
 
     image, result = make_scene((30, 30))
-    report = E.explain_result(result, image, "disc", explainer, image_name="x.png")
+    report = explain_result(result, image, "disc", explainer, image_name="x.png")
     region = report["regions"][0]
     assert report["explainer"] == f"llava:{tiny_llava}"
     assert set(region) == REGION_KEYS
     # A random model babbles: the rule-based description is used and marked.
     assert isinstance(region["llava_answer"], str)
     assert region["description_source"] == "rule-based (unparsable LLaVA answer)"
-    rule = E.RuleBasedExplainer().explain_region(image, result, result.hotspots[0], "disc")
+    rule = RuleBasedExplainer().explain_region(image, result, result.hotspots[0], "disc")
     assert region["description"] == rule["description"]
     assert region["location"] == "top left"
     assert "unparsable LLaVA answer" in report["explanation"]
@@ -477,7 +503,7 @@ def test_llava_explainer_with_tiny_model(tiny_llava, monkeypatch):
         return '{"description": "A dark pit in the coating.", "severity": "medium"}'
 
     monkeypatch.setattr(explainer, "ask", fake_ask)
-    region = E.explain_result(result, image, "metal_nut", explainer)["regions"][0]
+    region = explain_result(result, image, "metal_nut", explainer)["regions"][0]
     assert region["description"] == "A dark pit in the coating."
     assert region["severity"] == "medium" and region["severity_source"] == "llava"
     assert region["description_source"] == "llava"
@@ -490,19 +516,19 @@ def test_llava_explainer_with_tiny_model(tiny_llava, monkeypatch):
 
 def test_llava_half_precision_inputs_are_cast(tiny_llava):
     # The CUDA default is float16; the same casting runs on CPU with an explicit dtype.
-    explainer = E.LlavaExplainer.from_pretrained(tiny_llava, device="cpu", dtype=torch.float16)
+    explainer = LlavaExplainer.from_pretrained(tiny_llava, device="cpu", dtype=torch.float16)
     assert explainer.model.dtype == torch.float16
     explainer.max_new_tokens = 8  # half precision is slow on CPU
     image, result = make_scene((30, 30))
-    region = E.explain_result(result, image, "disc", explainer)["regions"][0]
+    region = explain_result(result, image, "disc", explainer)["regions"][0]
     assert region["description_source"] == "rule-based (unparsable LLaVA answer)"
 
 
 # ------------------------------------------------------------------ end to end (WinCLIP)
 @pytest.fixture(scope="module")
 def disc_setup(tmp_path_factory):
+    from winclip_nb import WinCLIP
     from winclip_nb.data import load_mvtec_class, make_synthetic_mvtec
-    from winclip_nb.detector import WinCLIP
 
     root = make_synthetic_mvtec(
         tmp_path_factory.mktemp("synthetic"),
@@ -532,7 +558,7 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
 
     winclip, normal_anchor, anomalous_anchor, data = disc_setup
     hole = next(s for s in data.test if s.defect == "hole")
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         winclip,
         hole.path,
         normal_anchor,
@@ -547,7 +573,7 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
     assert "RANDOM WEIGHTS" in Path(report["paths"]["report_txt"]).read_text()
 
     good = next(s for s in data.test if s.label == 0)
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         winclip, good.path, normal_anchor, anomalous_anchor, "disc", use_llava=False
     )
     assert report["regions"] == []
@@ -561,7 +587,7 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
     cy = int(rows[0] + 0.22 * (rows[-1] + 1 - rows[0]))
     cv2.circle(image, (cx, cy), 6, (20, 18, 16), -1)
     spot_path = save_png(tmp_path / "spot.png", image)
-    report = E.detect_and_explain(
+    report = detect_and_explain(
         winclip, spot_path, normal_anchor, anomalous_anchor, "disc", use_llava=False
     )
     first = report["regions"][0]
@@ -574,8 +600,8 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
 def test_end_to_end_with_tiny_llava(disc_setup, tiny_llava, tmp_path):
     winclip, normal_anchor, anomalous_anchor, data = disc_setup
     hole = next(s for s in data.test if s.defect == "hole")
-    explainer = E.LlavaExplainer.from_pretrained(tiny_llava, device="cpu")
-    report = E.detect_and_explain(
+    explainer = LlavaExplainer.from_pretrained(tiny_llava, device="cpu")
+    report = detect_and_explain(
         winclip,
         hole.path,
         normal_anchor,
@@ -594,7 +620,7 @@ def test_end_to_end_with_tiny_llava(disc_setup, tiny_llava, tmp_path):
 
 # ------------------------------------------------------------------------------- CLI
 def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
-    import winclip_nb.detector as detector
+    import winclip_nb.winclip as winclip_module
 
     image, result = make_scene((30, 30))
     train_dir = tmp_path / "train"
@@ -608,9 +634,9 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
         made.update(kwargs)
         return fake
 
-    monkeypatch.setattr(detector, "WinCLIP", factory)
+    monkeypatch.setattr(winclip_module, "WinCLIP", factory)
     parser = argparse.ArgumentParser()
-    E.add_explain_arguments(parser)
+    add_explain_arguments(parser)
     args = parser.parse_args(
         [
             str(target),
@@ -625,8 +651,8 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
             str(tmp_path / "out"),
         ]
     )
-    assert args.top_k == 3 and args.device == "auto" and args.llava_model == E.DEFAULT_LLAVA_MODEL
-    assert E.run_explain_cli(args) == 0
+    assert args.top_k == 3 and args.device == "auto" and args.llava_model == DEFAULT_LLAVA_MODEL
+    assert run_explain_cli(args) == 0
     assert made == {"device": "auto", "pretrained": "random"}
     assert fake.calls[:2] == ["anchors:disc", "memory:3"]
     out = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Tests of winclip_nb.metrics: hand-computed values and a brute-force AUPRO reference."""
+"""Tests of winclip_nb.bench.metrics: hand-computed values and a brute-force AUPRO reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from winclip_nb.metrics import (
+from winclip_nb.bench.metrics import (
     DEFAULT_PRO_FPR_LIMIT,
     METRIC_KEYS,
     UndefinedMetricWarning,

@@ -7,7 +7,6 @@ these tests only read them, so they stay fast.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -19,16 +18,17 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from winclip_nb import notebooks as nbmod
-from winclip_nb.errors import ConfigError, DataError
-from winclip_nb.maps import find_hotspots
-from winclip_nb.notebooks import (
+import winclip_nb
+from winclip_nb.core.errors import ConfigError, DataError
+from winclip_nb.core.maps import find_hotspots
+from winclip_nb.nb import helpers, runner
+from winclip_nb.nb.runner import (
     finalize_notebook,
     parse_parameter_value,
     select_notebooks,
     source_hash,
 )
-from winclip_nb.widgets import Explorer, explorer, has_frontend
+from winclip_nb.nb.widgets import Explorer, explorer, has_frontend
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = [
@@ -159,7 +159,7 @@ def test_source_hash_tracks_python_sources_only(tmp_path: Path) -> None:
 
 
 def test_source_hash_default_is_the_package() -> None:
-    package = Path(nbmod.__file__).resolve().parent
+    package = Path(winclip_nb.__file__).resolve().parent
     assert source_hash() == source_hash(package)
 
 
@@ -180,18 +180,18 @@ def test_parse_parameter_value() -> None:
 
 def test_run_notebooks_refuses_parameters_in_place() -> None:
     with pytest.raises(ConfigError, match="in-place runs take no parameters"):
-        nbmod.run_notebooks(in_place=True, parameters={"device": "cuda"})
+        runner.run_notebooks(in_place=True, parameters={"device": "cuda"})
     with pytest.raises(ConfigError, match="not both"):
-        nbmod.run_notebooks(in_place=True, output_dir="somewhere")
+        runner.run_notebooks(in_place=True, output_dir="somewhere")
 
 
 def test_cli_arguments_reach_run_notebooks(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    monkeypatch.setattr(nbmod, "run_notebooks", lambda **kwargs: seen.update(kwargs) or [])
+    monkeypatch.setattr(runner, "run_notebooks", lambda **kwargs: seen.update(kwargs) or [])
     parser = argparse.ArgumentParser()
-    nbmod.add_run_notebooks_arguments(parser)
+    runner.add_run_notebooks_arguments(parser)
     args = parser.parse_args(["-p", "device", "cuda", "-p", "n_train", "4", "--only", "0", "6"])
-    assert nbmod.run_notebooks_cli(args) == 0
+    assert runner.run_notebooks_cli(args) == 0
     assert seen["parameters"] == {"device": "cuda", "n_train": 4}
     assert seen["notebooks"] == ["0", "6"] and not seen["in_place"] and not seen["reference"]
 
@@ -228,43 +228,44 @@ def test_setup_reference_mode_overrides(
 ) -> None:
     import winclip_nb.data as data
 
-    monkeypatch.setenv(nbmod.REFERENCE_ENV_VAR, "1")
+    monkeypatch.setenv(helpers.REFERENCE_ENV_VAR, "1")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in nbmod.REFERENCE_CPU_KERNELS:
+    for name in helpers.REFERENCE_CPU_KERNELS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(data, "default_synthetic_root", lambda: synthetic_root)
     monkeypatch.setattr(data, "make_synthetic_mvtec", lambda root: Path(root))
     threads = torch.get_num_threads()
     try:
-        env = nbmod.setup(weights="openai", device="cuda", data_root="/no/such/folder", seed=3)
+        env = helpers.setup(weights="openai", device="cuda", data_root="/no/such/folder", seed=3)
     finally:
         torch.set_num_threads(threads)
     assert env["reference"] is True
     assert (env["weights"], env["device"], env["data_root"]) == ("random", "cpu", synthetic_root)
     assert env["synthetic"] is True and env["class_name"] == "disc" and env["seed"] == 3
-    assert env["threads"] == nbmod.REFERENCE_THREADS
+    assert env["threads"] == helpers.REFERENCE_THREADS
     import os
 
     assert os.environ["HF_HUB_OFFLINE"] == "1"
-    assert {k: os.environ[k] for k in nbmod.REFERENCE_CPU_KERNELS} == nbmod.REFERENCE_CPU_KERNELS
+    kernels = helpers.REFERENCE_CPU_KERNELS
+    assert {k: os.environ[k] for k in kernels} == kernels
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "REFERENCE MODE" in printed[0] and "seed 3" in printed[0]
 
 
 def test_compact_inline_figures_needs_a_kernel() -> None:
-    assert nbmod.compact_inline_figures() is False  # plain pytest process: nothing to configure
+    assert helpers.compact_inline_figures() is False  # plain pytest process: nothing to configure
 
 
 def test_setup_checks_data_root_and_class(
     monkeypatch: pytest.MonkeyPatch, synthetic_root: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv(nbmod.REFERENCE_ENV_VAR, raising=False)
+    monkeypatch.delenv(helpers.REFERENCE_ENV_VAR, raising=False)
     with pytest.raises(DataError, match="not a folder"):
-        nbmod.setup(data_root=tmp_path / "missing", verbose=False)
-    env = nbmod.setup(data_root=synthetic_root, class_name="weave", verbose=False)
+        helpers.setup(data_root=tmp_path / "missing", verbose=False)
+    env = helpers.setup(data_root=synthetic_root, class_name="weave", verbose=False)
     assert env["class_name"] == "weave" and env["weights"] == "auto"
     with pytest.raises(DataError, match="class 'bottle' not found"):
-        nbmod.setup(data_root=synthetic_root, class_name="bottle", verbose=False)
+        helpers.setup(data_root=synthetic_root, class_name="bottle", verbose=False)
 
 
 # ---------------------------------------------------------------------------- widgets
@@ -277,13 +278,14 @@ def fitted_winclip(random_winclip, synthetic_root: Path):
     dim = random_winclip.backbone.embed_dim
     normal, anomalous = (F.normalize(torch.randn(dim, generator=generator), dim=0) for _ in "ab")
     data = load_mvtec_class(synthetic_root, "disc")
-    saved = (random_winclip.memory, random_winclip.class_name)
-    random_winclip.class_name = "disc"
-    random_winclip.build_normal_memory(data.train[:3], normal, anomalous, progress=False)
+    saved = random_winclip.fitted
+    random_winclip.build_normal_memory(
+        data.train[:3], normal, anomalous, class_name="disc", progress=False
+    )
     try:
         yield random_winclip, normal, anomalous, data
     finally:
-        random_winclip.memory, random_winclip.class_name = saved
+        random_winclip.fitted = saved
 
 
 def test_explorer_callback_matches_detector(fitted_winclip) -> None:
@@ -291,8 +293,7 @@ def test_explorer_callback_matches_detector(fitted_winclip) -> None:
     paths = [s.path for s in data.test]
     masks = [s.mask_path for s in data.test]
     defect = next(i for i, s in enumerate(data.test) if s.defect == "hole")
-    ex = Explorer(winclip, {"disc": (normal, anomalous, winclip.memory)}, {"disc": paths},
-                  {"disc": masks})  # fmt: skip
+    ex = Explorer(winclip, {"disc": winclip.fitted}, {"disc": paths}, {"disc": masks})
     # The widgets' callback: update() changes the state, recomputes and draws.
     fig = ex.update(image_index=defect, text_weight=0.5, sigma=2.0, normalization="per_image")
     assert isinstance(fig, Figure) and len(fig.axes) == 5  # 3 panels + 2 colour bars
@@ -303,26 +304,28 @@ def test_explorer_callback_matches_detector(fitted_winclip) -> None:
     ]
     for changes in [{}, *other_settings]:
         if changes:
-            ex.state = dataclasses.replace(ex.state, **changes)
+            ex.state = ex.state.changed(**changes)
             ex.last = ex.compute()
-        state = ex.state
+        state, cfg = ex.state, ex.state.config
         resized = winclip.prepare(paths[state.image_index])[0][None]
         expected = winclip.detect_resized(
             resized,
             normal,
             anomalous,
             state.text_weight,
-            state.nn_weight,
-            normalization=state.normalization,
-            sigma=state.sigma,
+            cfg.nn_weight,
+            normalization=cfg.normalization,
+            sigma=cfg.sigma,
         )
         got = ex.last["anomaly_map"]
         np.testing.assert_allclose(got, expected["anomaly_map"][0].numpy(), atol=1e-4)
         assert ex.last["score"] == pytest.approx(float(expected["score"][0]), abs=1e-4)
         fg = expected["fg_mask"][0].numpy()
-        boxes = [h.box for h in find_hotspots(got, state.threshold, fg_mask=fg)]
+        hotspots = find_hotspots(got, cfg.hotspot_threshold, cfg.top_k, cfg.min_hotspot_area, fg)
+        boxes = [h.box for h in hotspots]
         assert [h.box for h in ex.last["hotspots"]] == boxes
-    assert ex.state.image_index == defect and ex.state.threshold == 1.5  # kept across updates
+    # kept across updates
+    assert ex.state.image_index == defect and ex.state.config.hotspot_threshold == 1.5
 
 
 def test_explorer_rejects_bad_settings(fitted_winclip) -> None:
@@ -340,12 +343,12 @@ def test_explorer_rejects_bad_settings(fitted_winclip) -> None:
 
 def test_explorer_class_callback_and_widget(fitted_winclip, monkeypatch) -> None:
     winclip, normal, anomalous, data = fitted_winclip
-    disc_memory = winclip.memory
+    disc = winclip.fitted
     calls: list[str] = []
 
     def prepare(name: str):
         calls.append(name)
-        return (normal, anomalous, disc_memory if name == "disc" else None)
+        return disc if name == "disc" else (normal, anomalous)  # zero-shot: the anchors
 
     images = {
         "disc": [data.test[0].path, data.test[-1].path],
@@ -359,14 +362,15 @@ def test_explorer_class_callback_and_widget(fitted_winclip, monkeypatch) -> None
         "class_name", "image_index", "text_weight", "sigma", "threshold", "normalization",
     }  # fmt: skip
     ex.controls["sigma"].value = 6.0  # a slider change calls update()
-    assert ex.state.sigma == 6.0
+    assert ex.state.config.sigma == 6.0
     ex.controls["image_index"].value = 1
     assert ex.state.image_index == 1
     ex.controls["class_name"].value = "plain"  # zero-shot class: no memory
     assert ex.state.class_name == "plain" and ex.state.image_index == 0
-    assert winclip.memory is None and ex.last["normalization"] == "per_image"
+    assert ex.fitted("plain").memory is None and ex.last["normalization"] == "per_image"
     ex.controls["class_name"].value = "disc"
-    assert winclip.memory is disc_memory
+    assert ex.fitted("disc") is disc and ex.fitted("disc").memory is not None
+    assert winclip.fitted is disc  # the explorer leaves the detector's class alone
     assert calls == ["disc", "plain"]  # each class prepared once
 
 
@@ -376,16 +380,16 @@ def test_explorer_static_fallback(fitted_winclip, monkeypatch) -> None:
     winclip, normal, anomalous, data = fitted_winclip
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
-    monkeypatch.setenv(nbmod.REFERENCE_ENV_VAR, "1")
+    monkeypatch.setenv(helpers.REFERENCE_ENV_VAR, "1")
     assert has_frontend() is False
     ex = explorer(winclip, {"disc": (normal, anomalous)}, {"disc": [data.test[0].path]}, sigma=2.0)
-    assert isinstance(ex, Explorer) and ex.state.sigma == 2.0
+    assert isinstance(ex, Explorer) and ex.state.config.sigma == 2.0
     assert len(shown) == 1 and isinstance(shown[0], Figure)
 
 
 def test_has_frontend_respects_headless_variable(monkeypatch) -> None:
-    monkeypatch.delenv(nbmod.REFERENCE_ENV_VAR, raising=False)
-    monkeypatch.setenv(nbmod.HEADLESS_ENV_VAR, "1")
+    monkeypatch.delenv(helpers.REFERENCE_ENV_VAR, raising=False)
+    monkeypatch.setenv(helpers.HEADLESS_ENV_VAR, "1")
     assert has_frontend() is False
-    monkeypatch.setenv(nbmod.HEADLESS_ENV_VAR, "0")
+    monkeypatch.setenv(helpers.HEADLESS_ENV_VAR, "0")
     assert has_frontend() is False  # plain pytest process: no Jupyter kernel

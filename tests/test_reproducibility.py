@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from winclip_nb import benchmark as B
+from winclip_nb.bench import store as B
 from winclip_nb.data import make_synthetic_mvtec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -33,15 +33,18 @@ import numpy as np
 import torch
 if THREADS:
     torch.set_num_threads(THREADS)
-from winclip_nb import benchmark as B, cli
+from winclip_nb import WinCLIP, WinCLIPConfig, cli
+from winclip_nb.bench.config import BenchmarkConfig
+from winclip_nb.bench.protocol import evaluate_class
 from winclip_nb.data import load_mvtec_class
-from winclip_nb.detector import WinCLIP
 
 assert cli.main(ARGS) == 0
-cfg = B.BenchmarkConfig(weights="random", image_size=IMAGE_SIZE, device="cpu", batch_size=4)
-winclip = WinCLIP(device="cpu", pretrained="random", image_size=IMAGE_SIZE)
-out = B.evaluate_class(winclip, load_mvtec_class(ROOT, "disc"), cfg, progress=False,
-                       return_maps=True)
+model = WinCLIPConfig(pretrained="random", image_size=IMAGE_SIZE, device="cpu", batch_size=4)
+cfg = BenchmarkConfig(model=model)
+winclip = WinCLIP(config=model)
+out = evaluate_class(winclip, load_mvtec_class(ROOT, "disc"), cfg, progress=False,
+                     return_maps=True)
+assert winclip.fitted is None  # evaluate_class leaves the detector as it was
 np.save(os.path.join(OUT, "maps.npy"), np.asarray(out["maps"]))
 np.save(os.path.join(OUT, "scores.npy"), np.asarray(out["scores"]))
 """

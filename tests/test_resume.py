@@ -8,14 +8,18 @@ torch import and a model); the other runs go through ``cli.main`` in this proces
 share one model. 64 px input (4 x 4 patches), pixel metrics at 32 x 32.
 The two write races behind that (shared temporary names, a results.json rebuilt from a
 listing another writer has made stale) are also forced deterministically with threads.
+A results folder written by the previous version (whose config lacks the settings added
+since) is resumed too, and still refused for settings that really differ.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,10 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from winclip_nb import benchmark as B
 from winclip_nb import cli
+from winclip_nb.bench import protocol
+from winclip_nb.bench import store as S
+from winclip_nb.bench.metrics import METRIC_KEYS
 from winclip_nb.data import make_synthetic_mvtec
-from winclip_nb.metrics import METRIC_KEYS
+from winclip_nb.data.files import _host_tag, atomic_write, remove_stale_temps
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("disc", "weave", "washer")
@@ -38,7 +44,8 @@ TIMING_KEYS = frozenset({"seconds", "images_per_s", "memory_seconds", "test_seco
 #: held (after its computation, before it is saved) so that a kill lands inside it.
 HOLD_ONE_CLASS = """
 import sys, time
-from winclip_nb import benchmark as B, cli
+from winclip_nb import cli
+from winclip_nb.bench import protocol as B
 held, real = sys.argv[1], B.evaluate_class
 def evaluate(winclip, class_data, *args, **kwargs):
     if class_data.name == held:
@@ -143,7 +150,7 @@ def test_killed_in_the_second_class_resumes_to_the_uninterrupted_numbers(
     assert list(read_json(out / "results.json")["classes"]) == [first]
 
     # Half-written files of the killed process (a kill during a write leaves these).
-    host = B._host_tag()
+    host = _host_tag()
     stale = [
         out / "classes" / f".{second}.json.{host}.{proc.pid}.0123456789ab.tmp",
         out / f".results.json.{host}.{proc.pid}.ba9876543210.tmp",
@@ -172,17 +179,19 @@ def test_killed_in_the_second_class_resumes_to_the_uninterrupted_numbers(
 def test_stale_temp_files_of_live_processes_and_other_machines_stay(tmp_path):
     out = tmp_path / "out"
     (out / "classes").mkdir(parents=True)
-    host = B._host_tag()
+    host = _host_tag()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
     dead_pid = int(dead.stdout)
-    mine = out / "classes" / f".disc.json.{host}.{os.getpid()}.abc123.tmp"
-    other_host = out / "classes" / f".disc.json.otherhost.{dead_pid}.abc123.tmp"
-    gone = out / f".results.csv.{host}.{dead_pid}.abc123.tmp"
-    for path in (mine, other_host, gone):
+    token = "0123456789ab"  # atomic_write's names: .<name>.<host>.<pid>.<12 hex>.tmp
+    mine = out / "classes" / f".disc.json.{host}.{os.getpid()}.{token}.tmp"
+    other_host = out / "classes" / f".disc.json.otherhost.{dead_pid}.{token}.tmp"
+    gone = out / f".results.csv.{host}.{dead_pid}.{token}.tmp"
+    not_ours = out / f".results.csv.{host}.{dead_pid}.abc123.tmp"  # not atomic_write's name
+    for path in (mine, other_host, gone, not_ours):
         path.write_text("half")
-    assert B._remove_stale_temps(out) == [gone]
-    assert mine.exists() and other_host.exists() and not gone.exists()
+    assert remove_stale_temps(out, out / "classes") == [gone]
+    assert mine.exists() and other_host.exists() and not gone.exists() and not_ours.exists()
 
 
 # -------------------------------------------------------------------- shards, one --out
@@ -235,7 +244,7 @@ def test_results_json_is_never_rebuilt_from_a_stale_listing(tmp_path, monkeypatc
     out = tmp_path / "out"
     config = {"k_shot": "full", "sigma": 4.0, "classes": []}
     a_listed, b_done = threading.Event(), threading.Event()
-    real_listing = B._finished_classes
+    real_listing = S._finished_classes
     waited_out: list[bool] = []
 
     def listing(folder, fingerprint):
@@ -245,14 +254,14 @@ def test_results_json_is_never_rebuilt_from_a_stale_listing(tmp_path, monkeypatc
             waited_out.append(not b_done.wait(1.5))
         return found
 
-    monkeypatch.setattr(B, "_finished_classes", listing)
+    monkeypatch.setattr(S, "_finished_classes", listing)
     errors: list[BaseException] = []
 
     def shard(name: str, value: float, after: threading.Event | None) -> None:
         try:
             if after is not None:
                 assert after.wait(10)
-            B._record_class(out, name, dict(config, classes=[name]), _fake_result(value))
+            S._record_class(out, name, dict(config, classes=[name]), _fake_result(value))
             if name == "weave":
                 b_done.set()
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
@@ -295,7 +304,7 @@ def test_concurrent_atomic_writes_use_their_own_temporary_files(tmp_path, monkey
 
     def write(key: str) -> None:
         try:
-            B._write_atomic(target, texts[key])
+            atomic_write(target, texts[key])
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
@@ -318,5 +327,109 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError, match="simulated"):
-        B._write_atomic(target, "{}")
+        atomic_write(target, "{}")
     assert list((tmp_path / "classes").iterdir()) == []
+
+
+# --------------------------------------------------------- a folder of the previous version
+#: The config keys results.json and the class files had before the model's settings were
+#: recorded: the old BenchmarkConfig's fields and what its describe_run added.
+PREVIOUS_CONFIG_KEYS = frozenset({
+    "data_root", "classes", "k_shot", "max_images", "seeds", "method", "weights", "model_name",
+    "device", "batch_size", "image_size", "layers", "text_weight", "nn_weight", "coreset_ratio",
+    "normalization", "sigma", "eval_size", "workers", "out", "force", "save_examples", "explain",
+    "llava", "llava_model", "skip_bad", "dataset_format", "synthetic", "dataset",
+    "weights_requested", "random_weights", "device_name", "k_shot_label", "metrics_unit",
+    "eval_resolution", "throughput_note", "versions",
+})  # fmt: skip
+#: What the previous version ignored when it compared runs (its fingerprint).
+PREVIOUS_RUNTIME_KEYS = frozenset({
+    "classes", "out", "data_root", "device", "device_name", "workers", "batch_size", "force",
+    "skip_bad", "save_examples", "explain", "llava", "llava_model", "weights_requested",
+    "versions", "throughput_note", "merged_from",
+})  # fmt: skip
+
+
+def previous_version_config(config: dict) -> dict:
+    """``config`` as the previous version wrote it: no ``precision``, ``text_temperature``,
+    ``fg_threshold``, ``window_scales``, ...; ``scored_maps`` (text) for ``scored_map``."""
+    old = {k: v for k, v in config.items() if k in PREVIOUS_CONFIG_KEYS}
+    old["scored_maps"] = (
+        "anomaly_map and score after post-processing (fusion, normalisation, smoothing)"
+    )
+    return old
+
+
+def make_previous_version(out: Path, **changes) -> None:
+    """Rewrite the results folder ``out`` as the previous version left it (``changes``:
+    settings to give its config), class files with that version's own fingerprint."""
+    summary = read_json(out / "results.json")
+    summary["config"] = dict(previous_version_config(summary["config"]), **changes)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for path in (out / "classes").glob("*.json"):
+        content = read_json(path)
+        content["config"] = dict(previous_version_config(content["config"]), **changes)
+        comparable = {k: v for k, v in content["config"].items() if k not in PREVIOUS_RUNTIME_KEYS}
+        text = json.dumps(comparable, sort_keys=True, default=str)
+        content["fingerprint"] = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        path.write_text(json.dumps(content, indent=2) + "\n")
+    for config in [summary["config"], *(read_json(p)["config"] for p in out.glob("classes/*"))]:
+        assert "precision" not in config and "text_temperature" not in config
+        assert "fg_threshold" not in config and "window_scales" not in config
+        assert "scored_map" not in config and "scored_maps" in config
+
+
+@pytest.fixture()
+def previous_version_out(uninterrupted, tmp_path) -> Path:
+    """A copy of the uninterrupted run's folder, as the previous version wrote it."""
+    out = Path(shutil.copytree(uninterrupted["config"]["out"], tmp_path / "previous"))
+    make_previous_version(out)
+    return out
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(protocol, "_load_model", refuse)
+
+
+def test_a_folder_of_the_previous_version_resumes_without_computing(
+    root, uninterrupted, previous_version_out, no_model
+):
+    out = previous_version_out
+    class_files = {p.name: p.read_bytes() for p in (out / "classes").glob("*.json")}
+    assert sorted(class_files) == sorted(f"{n}.json" for n in CLASSES)
+    stdout = run_cli(bench_args(root, out))  # the same command as the run that wrote it
+    for name in CLASSES:
+        assert f"{name}: skipped (done)" in stdout
+    # The old class files are kept as they are; results.json is rebuilt from them.
+    assert {p.name: p.read_bytes() for p in (out / "classes").glob("*.json")} == class_files
+    resumed = read_json(out / "results.json")
+    assert resumed["classes"] == uninterrupted["classes"]
+    assert resumed["mean"] == uninterrupted["mean"]
+    assert resumed["config"]["scored_map"] == "anomaly_map"  # this version's config now
+    assert resumed["config"]["precision"] == "auto" and "scored_maps" not in resumed["config"]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored", "named"),
+    [
+        (["--fg-threshold", "0.2"], {}, "fg_threshold: 0.1 -> 0.2"),  # a key it lacks
+        (["--text-temperature", "0.05"], {}, "text_temperature: 0.01 -> 0.05"),
+        ([], {"sigma": 2.0}, "sigma: 2.0 -> 4.0"),  # a key it has
+    ],
+)
+def test_a_folder_of_the_previous_version_with_other_settings_is_refused(
+    root, uninterrupted, tmp_path, capsys, no_model, given, stored, named
+):
+    out = Path(shutil.copytree(uninterrupted["config"]["out"], tmp_path / "previous"))
+    make_previous_version(out, **stored)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main([*bench_args(root, out), *given]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("winclip-nb: error:"), err
+    assert named in err and "--force" in err and str(out) in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched

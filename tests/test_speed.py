@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
-from winclip_nb import maps as maps_module
-from winclip_nb.maps import fill_holes, gaussian_smooth, image_scores
-from winclip_nb.memory import greedy_coreset
-from winclip_nb.speed import REQUIRED_KEYS, main
+from winclip_nb import ConfigError, WinCLIPConfig
+from winclip_nb.bench.speed import (
+    REQUIRED_KEYS,
+    SpeedConfig,
+    add_speed_arguments,
+    config_from_args,
+    main,
+)
+from winclip_nb.core.maps import fill_holes, gaussian_kernel1d, gaussian_smooth, image_scores
+from winclip_nb.core.memory import greedy_coreset
 
 
 def _positive(value) -> bool:
@@ -57,6 +65,10 @@ def test_speed_benchmark_writes_sane_json(tmp_path, capsys):
     assert result["batch_size"] == 2 and result["threads"] == threads
     assert result["weights"] == "random" and result["random_weights"] is True
     assert result["anchors"] == "random"
+    assert result["image_size"] == 112 and result["backbone_dtype"] == "float32"
+    # The run's settings: the detector's (model) and the harness's, flat.
+    assert result["config"]["pretrained"] == "random" and result["config"]["image_size"] == 112
+    assert result["config"]["n_images"] == 4 and result["config"]["memory_images"] == 3
     assert result["torch_version"] == torch.__version__
     assert result["n_images"] == 4 and result["memory_images"] == 3
     # A full-size memory: 3 images x 7 x 7 patches at 112 px, 10 % coreset kept.
@@ -89,17 +101,34 @@ def test_fill_holes_matches_scipy():
         assert np.array_equal(fill_holes(mask).astype(bool), expected)
 
 
-def test_smoothing_matrix_path_matches_convolution_path(monkeypatch):
+def _convolution_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable convolution with explicit padding: reflect (without repeating the edge)
+    for up to ``side - 1`` pixels, replicate beyond (the package's former second path)."""
+    kernel = gaussian_kernel1d(sigma)
+    radius = kernel.numel() // 2
+    height, width = maps.shape[-2:]
+    x = maps[:, None]
+    pad_h, pad_w = min(radius, height - 1), min(radius, width - 1)
+    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if pad_w > 0 else "replicate")
+    x = F.pad(x, (radius - pad_w, radius - pad_w, 0, 0), mode="replicate")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, pad_h, pad_h), mode="reflect" if pad_h > 0 else "replicate")
+    x = F.pad(x, (0, 0, radius - pad_h, radius - pad_h), mode="replicate")
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))[:, 0]
+
+
+def test_smoothing_matrix_path_matches_a_convolution_reference():
+    """The matrix blur (the only path now) equals a separable convolution with explicit
+    padding, on maps of every shape including the degenerate ones."""
     rng = np.random.default_rng(1)
     for shape in [(2, 224, 224), (1, 3, 3), (2, 20, 24), (1, 1, 9), (3, 7, 1), (1, 1, 1)]:
         x = torch.from_numpy(rng.normal(size=shape).astype(np.float32))
         for sigma in (0.7, 2.0, 4.0):
             fast = gaussian_smooth(x, sigma)
-            monkeypatch.setattr(maps_module, "SMOOTH_MATMUL_MAX_SIDE", 0)
-            slow = gaussian_smooth(x, sigma)  # separable convolution with explicit padding
-            monkeypatch.undo()
+            slow = _convolution_smooth(x, sigma)
             assert fast.shape == x.shape
             assert torch.allclose(fast, slow, atol=1e-5), (shape, sigma)
+    assert gaussian_smooth(x, 0.0) is x  # sigma 0 is the identity
 
 
 def test_image_scores_match_sorted_reference():
@@ -138,3 +167,18 @@ def test_coreset_matches_textbook_greedy_and_keeps_threads():
     assert torch.get_num_threads() == threads
     start = int(torch.randint(80, (1,), generator=torch.Generator().manual_seed(5)))
     assert picks.tolist() == _reference_coreset(x, 20, start)
+
+
+def test_speed_options_come_from_the_config_fields():
+    parser = argparse.ArgumentParser()
+    add_speed_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--n-images", "4", "--image-size", "112",
+                                              "--anchors", "random", "--precision", "fp32"]))
+    assert cfg == SpeedConfig(
+        model=WinCLIPConfig(pretrained="random", image_size=112, precision="fp32"),
+        n_images=4,
+        anchors="random",
+    )  # weights default to random; everything not given keeps its field default
+    assert config_from_args(parser.parse_args([])) == SpeedConfig()
+    with pytest.raises(ConfigError, match="batch_size"):
+        config_from_args(parser.parse_args(["--batch-size", "0"]))

@@ -1,6 +1,6 @@
 """VisA: its split-file loader, the synthetic VisA-format set, ``--dataset visa|folder``.
 
-Benchmark runs use a random-init ViT-B-16 at 64 px (one model for the module) on a tiny
+Benchmark runs use a random-init ViT-B-16 at 64 px (one backbone for the module) on a tiny
 synthetic VisA-format set; everything else stops before any model is built.
 """
 
@@ -17,11 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from winclip_nb import benchmark as B
-from winclip_nb import cli
+from winclip_nb import ConfigError, DataError, cli
+from winclip_nb.bench import loader
+from winclip_nb.bench import protocol as B
+from winclip_nb.bench.config import BenchmarkConfig
+from winclip_nb.bench.loader import TestImageDataset, load_benchmark_classes, resolve_dataset_root
+from winclip_nb.bench.metrics import METRIC_KEYS
+from winclip_nb.bench.store import config_fingerprint
 from winclip_nb.data import (
     SYNTHETIC_DEFECTS,
-    SYNTHETIC_MARKER,
     VISA_CLASSES,
     VISA_GROUPS,
     class_kind,
@@ -35,8 +39,7 @@ from winclip_nb.data import (
     render_synthetic_image,
     synthetic_image_seed,
 )
-from winclip_nb.errors import ConfigError, DataError
-from winclip_nb.metrics import METRIC_KEYS
+from winclip_nb.data.synthetic import SYNTHETIC_MARKER
 
 TINY = {"n_train": 2, "n_test_good": 2, "n_test_per_defect": 1, "image_size": 64}
 N_TEST = 2 + len(SYNTHETIC_DEFECTS)
@@ -143,6 +146,16 @@ def test_synthetic_visa_layout_marker_and_determinism(visa_root, tmp_path):
     assert (again / disc[0]["image"]).stat().st_mtime_ns == stamp
 
 
+def test_synthetic_visa_generation_lock_and_a_leftover_lock_folder(tmp_path):
+    """The VisA-format set is generated under ``file_lock(<root>/.generating.lock)`` too; a
+    lock folder the previous version left (it locked with ``mkdir``) does not block it."""
+    root = tmp_path / "visa"
+    (root / ".generating.lock").mkdir(parents=True)
+    make_synthetic_visa(root, ["disc"], **TINY)
+    assert is_synthetic_root(root) and list_visa_classes(root) == ["disc"]
+    assert (root / ".generating.lock").is_file()  # now a lock file, kept
+
+
 def test_synthetic_visa_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("user data")
     with pytest.raises(DataError, match="not empty"):
@@ -162,7 +175,7 @@ def test_masks_are_small_labels_read_as_nonzero(visa_root):
         "disc", "crack", image_size=64, seed=synthetic_image_seed(0, "disc", "test", "crack", 0)
     )
     assert np.array_equal(load_mask(crack.mask_path, nonzero=True), rendered.defect_mask)
-    item = B.TestImageDataset([crack], 64, eval_size=0)[0]  # the benchmark reads it so
+    item = TestImageDataset([crack], 64, eval_size=0)[0]  # the benchmark reads it so
     assert np.array_equal(item["mask"], rendered.defect_mask)
 
 
@@ -294,7 +307,7 @@ def test_benchmark_on_synthetic_visa_records_the_dataset(visa_root, tmp_path):
     assert "these numbers say nothing about VisA" in stdout and "RANDOM WEIGHTS" in stdout
     # The same settings on the MVTec layout are other settings for resume and merge.
     mvtec_config = dict(config, dataset_format="mvtec")
-    assert B.config_fingerprint(mvtec_config) != B.config_fingerprint(config)
+    assert config_fingerprint(mvtec_config) != config_fingerprint(config)
     code, again = run(args)
     assert code == 0 and "disc: skipped (done)" in again
 
@@ -308,17 +321,17 @@ def test_visa_root_defaults(monkeypatch, tmp_path):
 
     monkeypatch.setenv("WINCLIP_NB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("VISA_ROOT", raising=False)
-    monkeypatch.setattr(B, "make_synthetic_visa", fake_generator)
-    cfg = B.BenchmarkConfig(dataset_format="visa").validate()
-    assert B.resolve_dataset_root(cfg) == (tmp_path / "cache" / "synthetic_visa", True)
+    monkeypatch.setattr(loader, "make_synthetic_visa", fake_generator)
+    cfg = BenchmarkConfig(dataset_format="visa").validate()
+    assert resolve_dataset_root(cfg) == (tmp_path / "cache" / "synthetic_visa", True)
     assert made == [default_synthetic_visa_root()]
     real = tmp_path / "VisA"
     real.mkdir()
     monkeypatch.setenv("VISA_ROOT", str(real))
     monkeypatch.setenv("MVTEC_ROOT", str(tmp_path / "not-used"))
-    assert B.resolve_dataset_root(cfg) == (real, False)
-    with pytest.raises(ConfigError, match="dataset must be one of"):
-        B.BenchmarkConfig(dataset_format="coco").validate()
+    assert resolve_dataset_root(cfg) == (real, False)
+    with pytest.raises(ConfigError, match="dataset_format must be one of"):
+        BenchmarkConfig(dataset_format="coco").validate()
 
 
 # --------------------------------------------------------------------- own folders
@@ -342,8 +355,8 @@ def test_benchmark_on_an_own_folder(part_folder, tmp_path):
     assert row["n_test"] == N_TEST and row["n_defective"] == 4
     assert all(isinstance(row[k], float) for k in METRIC_KEYS)
     assert f"data: {part_folder} (folder)" in stdout
-    named = B.load_benchmark_classes(
-        B.BenchmarkConfig(dataset_format="folder", classes=["part"]).validate(), part_folder
+    named = load_benchmark_classes(
+        BenchmarkConfig(dataset_format="folder", classes=["part"]).validate(), part_folder
     )
     assert list(named) == ["part"] and named["part"].n_test == N_TEST  # --classes names it
 

@@ -9,6 +9,7 @@ failure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -16,17 +17,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from winclip_nb import windows as win
-from winclip_nb.anchors import WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES, build_prompts
-from winclip_nb.config import WinCLIPConfig
+from winclip_nb import ConfigError, FittedClass, MemoryBankError, WinCLIPConfig
+from winclip_nb.bench.parity import load_anomalib_winclip
+from winclip_nb.core import windows as win
+from winclip_nb.core.anchors import anomaly_probability, average_anchor, build_prompts
+from winclip_nb.core.scorers import scorer_class
+from winclip_nb.core.windows import (
+    WINCLIP_ANOMALOUS_STATES,
+    WINCLIP_NORMAL_STATES,
+    WINCLIP_TEMPLATES,
+)
 from winclip_nb.data import list_images
-from winclip_nb.errors import ConfigError, MemoryBankError
-from winclip_nb.parity import load_anomalib_winclip
 
 #: fp32 tolerance of the parity checks (the issue's bar).
 PARITY_ATOL = 1e-4
 #: A change of method must move the maps by clearly more than the tolerance.
 MUTATION_MIN_DIFF = 1e-3
+#: What ``detect_resized`` gives for the windows method (few-shot; zero-shot lacks
+#: ``few_shot_map``). Never the token method's ``text_map`` / ``nn_map``.
+WINDOW_KEYS = {"zero_shot_map", "few_shot_map", "text_score", "fused_map", "raw_map",
+               "raw_score", "anomaly_map", "fg_mask", "score", "normalization"}  # fmt: skip
 
 
 # ======================================================================================
@@ -68,7 +78,7 @@ def test_harmonic_mean_and_class_scores_by_hand() -> None:
     assert torch.allclose(win.harmonic_mean(torch.tensor([[1.0], [0.25]])), torch.tensor([0.4]))
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # cos to (normal, anomalous) = (0, 1): softmax([0, 1/0.5])[1] = 1 / (1 + e^-2)
-    p = win.class_scores(torch.tensor([[0.0, 3.0]]), text, temperature=0.5)
+    p = anomaly_probability(torch.tensor([[0.0, 3.0]]), text, temperature=0.5)
     assert p.item() == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
 
 
@@ -94,31 +104,49 @@ def test_combine_scores() -> None:
     assert same is zero and s.item() == pytest.approx(0.3)
 
 
+def test_window_memory_reference_ids_and_layout() -> None:
+    emb = win.WindowEmbeddings(torch.randn(2, 5), torch.randn(2, 9, 6),
+                               [torch.randn(2, 4, 5), torch.randn(2, 1, 5)])  # fmt: skip
+    memory = win.WindowMemory.from_embeddings(emb, {"window_scales": [2, 3]})
+    assert memory.n_references == 2 and memory.size == 18
+    assert torch.equal(memory.patch_bank, emb.patches.reshape(18, 6))
+    ids = memory.reference_ids
+    assert ids["patches"].tolist() == [0] * 9 + [1] * 9
+    assert ids["windows_0"].tolist() == [0] * 4 + [1] * 4 and ids["windows_1"].tolist() == [0, 1]
+    with pytest.raises(MemoryBankError, match="cannot hold 4 reference images"):
+        win.WindowMemory(torch.randn(18, 6), [], n_references=4)
+
+
 def test_winclip_prompt_ensemble_sizes() -> None:
     normal, anomalous = build_prompts(
-        "screw", win_states(), WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES
+        "screw", WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES
     )
     assert len(WINCLIP_TEMPLATES) == 21 and len(normal) == 7 * 21 and len(anomalous) == 4 * 21
     assert "a cropped photo of the damaged screw." in anomalous
 
 
-def win_states() -> tuple[str, ...]:
-    from winclip_nb.anchors import WINCLIP_NORMAL_STATES
-
-    return WINCLIP_NORMAL_STATES
-
-
 def test_config_for_windows_and_errors() -> None:
-    cfg = WinCLIPConfig.for_method("windows")
-    assert (cfg.model_name, cfg.pretrained, cfg.image_size) == (
+    cfg = WinCLIPConfig(method="windows")
+    assert (cfg.model_name, cfg.image_size, cfg.text_temperature) == (
         "ViT-B-16-plus-240",
-        "laion400m_e31",
         240,
+        0.07,
     )
+    # the weights tag is the method's, resolved when loading
+    assert cfg.pretrained is None and scorer_class("windows").default_weights == "laion400m_e31"
+    assert scorer_class("windows").preset == {
+        "model_name": "ViT-B-16-plus-240",
+        "image_size": 240,
+        "text_temperature": 0.07,
+    }
+    # explicit settings win over the preset
+    assert WinCLIPConfig(method="windows", image_size=112).image_size == 112
     with pytest.raises(ConfigError, match="method must be one of"):
-        WinCLIPConfig(method="patches").validate()
+        WinCLIPConfig(method="patches")
     with pytest.raises(ConfigError, match="window_scales"):
-        WinCLIPConfig(window_scales=(2, 2)).validate()
+        WinCLIPConfig(window_scales=(2, 2))
+    with pytest.raises(ConfigError, match="window_scales"):
+        cfg.replace(window_scales=())
 
 
 # ======================================================================================
@@ -134,7 +162,7 @@ def small_windows():
 def test_windows_model_at_another_size_builds_that_grid() -> None:
     """224 px is ViT-B-16's own size but not ViT-B-16-plus-240's: the model must be
     rebuilt for it (a 14 x 14 grid), not left at 240 px with images resized to 224."""
-    from winclip_nb.backbone import load_open_clip, native_image_size
+    from winclip_nb.hub.weights import load_open_clip, native_image_size
 
     assert native_image_size("ViT-B-16-plus-240") == 240
     model, _, _ = load_open_clip("ViT-B-16-plus-240", "random", image_size=224)
@@ -144,7 +172,7 @@ def test_windows_model_at_another_size_builds_that_grid() -> None:
 
 
 def test_encoder_matches_one_window_run_by_hand(small_windows) -> None:
-    encoder = small_windows.windows
+    encoder = small_windows.scorer.encoder
     visual = encoder.visual
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
@@ -164,53 +192,139 @@ def test_encoder_matches_one_window_run_by_hand(small_windows) -> None:
     assert torch.allclose(emb.image, whole, atol=1e-5)
     # windows differ from each other (a batch-layout slip makes them all equal)
     assert emb.windows[0][0].std(dim=0).mean() > 1e-3
+    # the scorer's batched embedding gives the same (float32) embeddings
+    batched = small_windows.scorer.embed(pixels)
+    assert torch.allclose(batched.windows[1], emb.windows[1], atol=1e-6)
+    assert torch.allclose(batched.image, emb.image, atol=1e-6)
+
+
+def _test_images(wc, synthetic_root, train):
+    """A reference image itself and a defective ('hole') image, at the model's size."""
+    hole = list_images(synthetic_root / "disc" / "test" / "hole")[0]
+    return np.stack([wc.prepare(train[0])[0], wc.prepare(hole)[0]])
 
 
 def test_windows_detect_memory_and_bank_file(small_windows, synthetic_root, tmp_path) -> None:
     wc = small_windows
     normal, anomalous = wc.build_text_anchors("disc")
     train = list_images(synthetic_root / "disc" / "train" / "good")[:3]
-    test_images = [wc.prepare(p)[0] for p in train[:1]] + [
-        wc.prepare(p)[0] for p in list_images(synthetic_root / "disc" / "test" / "hole")[:1]
-    ]
-    wc.memory = None
+    images = _test_images(wc, synthetic_root, train)
+    wc.fitted = None
     with pytest.warns(UserWarning, match="per_image"):
-        zero = wc.detect_resized(np.stack(test_images), normal, anomalous)
-    assert zero["nn_map"] is None and zero["normalization"] == "per_image"
+        zero = wc.detect_resized(images, normal, anomalous)
+    assert set(zero) == WINDOW_KEYS - {"few_shot_map"}
+    assert "few_shot_map" not in zero and zero["normalization"] == "per_image"
     assert torch.equal(zero["score"], zero["raw_score"])
-    memory = wc.build_normal_memory(train, normal, anomalous, progress=False)
-    assert memory.size == 3 * 49 and memory.train_maps.shape == (3, 7, 7)
-    few = wc.detect_resized(np.stack(test_images), normal, anomalous)
+    assert torch.equal(zero["score"], zero["text_score"])  # zero-shot: the image score
+    # the fused map is the zero-shot map itself
+    assert torch.equal(zero["fused_map"], zero["zero_shot_map"])
+    fitted = wc.build_normal_memory(train, normal, anomalous, progress=False)
+    assert wc.fitted is fitted and fitted.class_name == "disc"
+    assert fitted.memory.size == 3 * 49 and fitted.memory.n_references == 3
+    # k = 3 references: the calibration holds their leave-one-image-out maps
+    cal = fitted.calibration
+    assert set(cal.branch_stats) == {"zero_shot_map", "few_shot_map"}
+    assert cal.normal_maps["zero_shot_map"].shape == cal.normal_maps["few_shot_map"].shape
+    assert cal.normal_maps["few_shot_map"].shape == (3, 7, 7)
+    assert float(cal.normal_maps["few_shot_map"].min()) > 1e-4  # never matched with itself
+    few = wc.detect_resized(images, normal, anomalous)
+    assert set(few) == WINDOW_KEYS
     assert few["normalization"] == "calibrated"
     # the first test image is a reference itself: its few-shot patch distances are ~0
-    assert few["nn_map"][0].max() < 1e-4 < few["nn_map"][1].max()
+    assert few["few_shot_map"][0].max() < 1e-4 < few["few_shot_map"][1].max()
+    # WinCLIP+'s fusion: the mean of the two maps; its image score: mean of the
+    # zero-shot score and the few-shot map's maximum
+    assert torch.allclose(few["fused_map"], (few["zero_shot_map"] + few["few_shot_map"]) / 2)
+    expected = (few["text_score"] + few["few_shot_map"].amax(dim=(-2, -1))) / 2
+    assert torch.allclose(few["raw_score"], expected) and torch.equal(few["score"], expected)
+    assert torch.equal(few["zero_shot_map"], zero["zero_shot_map"])
     assert few["raw_map"].shape == (2, 112, 112) and torch.isfinite(few["anomaly_map"]).all()
     path = wc.save_memory(tmp_path / "windows.safetensors")
-    wc.memory = None
-    wc.load_memory(path)
-    again = wc.detect_resized(np.stack(test_images), normal, anomalous)
+    wc.fitted = None
+    loaded = wc.load_memory(path)
+    assert loaded.memory.n_references == 3 and loaded.calibration is not None
+    again = wc.detect_resized(images, normal, anomalous)
     assert torch.equal(again["raw_map"], few["raw_map"])
+    assert torch.equal(again["anomaly_map"], few["anomaly_map"])
     result = wc.detect(train[0], normal, anomalous)
-    assert result.extras["method"] == "windows" and "raw_score" in result.extras
+    assert result.method == "windows" and "raw_score" in result.extras
+    assert set(result.branch_maps) == {"zero_shot_map", "few_shot_map"}
+    assert result.text_map is None and result.nn_map is None
+    # fewer than two references: no calibration, so per_image with a warning
+    one = wc.fit_images(wc.build_text_anchors("disc"), train[:1])
+    assert one.calibration is None and one.memory.n_references == 1
+    with pytest.warns(UserWarning, match="per_image"):
+        assert wc.detect_resized(images, fitted=one)["normalization"] == "per_image"
+    wc.fitted = None
+
+
+def test_windows_warns_that_fusion_weights_do_not_apply(small_windows, synthetic_root) -> None:
+    wc = small_windows
+    anchors = wc.build_text_anchors("disc")
+    train = list_images(synthetic_root / "disc" / "train" / "good")[:2]
+    images = _test_images(wc, synthetic_root, train)
+    fitted = wc.fit_images(anchors, train)
+    plain = wc.detect_resized(images, fitted=fitted)
+    with pytest.warns(UserWarning, match="fusion weights do not apply to method 'windows'"):
+        weighted = wc.detect_resized(images, fitted=fitted, text_weight=0.9, nn_weight=0.1)
+    # ... and indeed change nothing
+    assert torch.equal(weighted["anomaly_map"], plain["anomaly_map"])
+    assert torch.equal(weighted["fused_map"], plain["fused_map"])
+
+
+def test_windows_texture_rule_follows_the_anchors(small_windows, synthetic_root) -> None:
+    wc = small_windows
+    train = list_images(synthetic_root / "disc" / "train" / "good")[:1]
+    images = _test_images(wc, synthetic_root, train)
+    normal, anomalous = wc.build_text_anchors("weave")
+    with pytest.warns(UserWarning, match="per_image"):
+        weave = wc.detect_resized(images, normal, anomalous)
+    assert weave["fg_mask"].all()
+    with pytest.warns(UserWarning, match="per_image"):
+        disc = wc.detect_resized(images, *wc.build_text_anchors("disc"))
+    assert not disc["fg_mask"].all()
 
 
 def test_windows_refuses_token_memory_and_other_scales(small_windows, random_winclip, tmp_path,
                                                       synthetic_root) -> None:  # fmt: skip
     wc = small_windows
-    train = list_images(synthetic_root / "disc" / "train" / "good")[:1]
-    n, a = random_winclip.build_text_anchors("disc")
-    token_bank = random_winclip.build_normal_memory(train, n, a, progress=False)
-    path = token_bank.save(tmp_path / "tokens.safetensors")
+    train = list_images(synthetic_root / "disc" / "train" / "good")[:2]
+    token_anchors = random_winclip.build_text_anchors("disc")
+    before = random_winclip.fitted
+    try:
+        token_fitted = random_winclip.build_normal_memory(train, *token_anchors, progress=False)
+        path = random_winclip.save_memory(tmp_path / "tokens.safetensors")
+    finally:
+        random_winclip.fitted = before
     with pytest.raises(
         MemoryBankError, match="built with method='tokens', but this model uses method='windows'"
     ):
         wc.load_memory(path)
-    wc.memory = token_bank
-    normal, anomalous = wc.build_text_anchors("disc")
+    anchors = wc.build_text_anchors("disc")
+    images = np.stack([wc.prepare(train[0])[0]])
     with pytest.raises(MemoryBankError, match="method='tokens'"):
-        wc.detect_resized(np.stack([wc.prepare(train[0])[0]]), normal, anomalous)
-    random_winclip.memory = None
-    wc.memory = None
+        wc.detect_resized(images, fitted=FittedClass(anchors, token_fitted.memory))
+    # a window memory built with other scales is refused, in memory and from a file
+    fitted = wc.fit_images(anchors, train)
+    other = dataclasses.replace(fitted.memory, metadata={**fitted.memory.metadata,
+                                                         "window_scales": [2]})  # fmt: skip
+    with pytest.raises(MemoryBankError, match=r"scales \(2,\), but this model uses \(2, 3\)"):
+        wc.detect_resized(images, fitted=FittedClass(anchors, other))
+    from winclip_nb.data.banks import save_fitted
+
+    settings = {"method": "windows", "model_name": wc.config.model_name,
+                "weights": wc.weights_label, "layers": list(wc.config.layers),
+                "image_size": 112, "window_scales": [2]}  # fmt: skip
+    path = save_fitted(FittedClass(anchors, other), tmp_path / "scales.safetensors", settings)
+    with pytest.raises(MemoryBankError, match=r"window_scales=\[2\].*window_scales=\[2, 3\]"):
+        wc.load_memory(path)
+    # and the token method refuses a window memory the same way
+    with pytest.raises(MemoryBankError, match="method='windows'"):
+        random_winclip.detect_resized(
+            np.stack([random_winclip.prepare(train[0])[0]]),
+            fitted=FittedClass(token_anchors, fitted.memory),
+        )
+    assert wc.fitted is None
 
 
 # ======================================================================================
@@ -251,16 +365,15 @@ def parity(synthetic_root):
 
     normal, anomalous = ours.build_text_anchors(class_name)
     theirs.setup(class_name)
-    ours.memory = None
-    with pytest.warns(UserWarning):
+    assert ours.fitted is None
+    with pytest.warns(UserWarning, match="per_image"):
         zero_ours = ours.detect_resized(images, normal, anomalous)
     zero_theirs = theirs(pixels)
     ours.build_normal_memory([ref_image], normal, anomalous, progress=False)
     one_ours = ours.detect_resized(images, normal, anomalous, normalization="per_image")
     theirs.setup(reference_images=ref_pixels)
     one_theirs = theirs(pixels)
-    with torch.inference_mode():
-        embeddings = ours.extract_windows(list(images))
+    embeddings = ours.scorer.embed(pixels)
     return {
         "ours": ours,
         "theirs": theirs,
@@ -307,12 +420,14 @@ def _informative_text(parity) -> torch.Tensor:
 def _zero_shot_ours(parity, text: torch.Tensor, scales=None) -> torch.Tensor:
     """Our zero-shot grid map from the cached embeddings, optionally with fewer scales."""
     ours = parity["ours"]
-    emb, coverages = parity["embeddings"], ours.windows.coverages
+    encoder = ours.scorer.encoder
+    emb, coverages = parity["embeddings"], encoder.coverages
     if scales is not None:
-        keep = [ours.windows.scales.index(s) for s in scales]
+        keep = [encoder.scales.index(s) for s in scales]
         emb = win.WindowEmbeddings(emb.image, emb.patches, [emb.windows[i] for i in keep])
         coverages = [coverages[i] for i in keep]
-    return win.zero_shot_scores(emb, text, coverages, ours.grid_size)[0]
+    temperature = ours.config.text_temperature
+    return win.zero_shot_scores(emb, text, coverages, ours.grid_size, temperature)[0]
 
 
 def _zero_shot_theirs(parity, text: torch.Tensor) -> torch.Tensor:
@@ -348,8 +463,6 @@ def test_parity_detects_a_changed_scale_or_mean(parity, monkeypatch) -> None:
 
 def test_parity_of_the_prompt_ensemble_and_a_changed_list(parity) -> None:
     """The anchors equal anomalib's (normalised) text embeddings; one state less does not."""
-    from winclip_nb.anchors import WINCLIP_NORMAL_STATES, average_anchor
-
     theirs = F.normalize(parity["theirs"].text_embeddings.float(), dim=-1)
     ours = torch.stack(parity["anchors"])
     assert _max_diff(ours, theirs) <= PARITY_ATOL
@@ -371,7 +484,7 @@ def test_anomalib_without_adapter_collapses_windows(parity) -> None:
     every window the same embedding (attention runs across windows, not within one)."""
     theirs, ours = parity["theirs"], parity["ours"]
     with torch.inference_mode():
-        tokens = ours.windows.embed(parity["pixels"][:1])
+        tokens = ours.scorer.encoder.embed(parity["pixels"][:1])
         collapsed = type(theirs)._get_window_embeddings(theirs, tokens, theirs.masks[0])
         fixed = theirs._get_window_embeddings(tokens, theirs.masks[0])
     assert float(collapsed[0].std(dim=0).max()) < 1e-5
@@ -404,7 +517,7 @@ def test_benchmark_windows_zero_and_one_shot_from_the_cli(synthetic_root, tmp_pa
             k,
             "ViT-B-16-plus-240",
         )
-        assert cfg["scored_maps"].startswith("raw_map") and cfg["coreset_ratio"] is None
+        assert cfg["scored_map"] == "raw_map" and cfg["coreset_ratio"] is None
         assert cfg["random_weights"] is True
         assert results["classes"]["disc"]["pixel_auroc"] is not None
     assert zero["classes"]["disc"]["memory_patches"] is None
@@ -414,18 +527,24 @@ def test_benchmark_windows_zero_and_one_shot_from_the_cli(synthetic_root, tmp_pa
 
 
 def test_benchmark_config_method_defaults_and_errors() -> None:
-    from winclip_nb.benchmark import BenchmarkConfig, default_weights
+    from winclip_nb.bench.config import BenchmarkConfig
 
     tokens = BenchmarkConfig().validate()
-    windows = BenchmarkConfig(method="windows", k_shot=1).validate()
-    assert (tokens.model_name, tokens.image_size) == ("ViT-B-16", 224)
-    assert (windows.model_name, windows.image_size) == ("ViT-B-16-plus-240", 240)
-    assert default_weights(tokens) == "openai" and default_weights(windows) == "laion400m_e31"
+    windows = BenchmarkConfig(model=WinCLIPConfig(method="windows"), k_shot=1).validate()
+    assert (tokens.model.model_name, tokens.model.image_size) == ("ViT-B-16", 224)
+    assert (windows.model.model_name, windows.model.image_size) == ("ViT-B-16-plus-240", 240)
+    # pretrained None: the method's own tag
+    assert tokens.model.pretrained is None and windows.model.pretrained is None
+    assert scorer_class(tokens.model.method).default_weights == "openai"
+    assert scorer_class(windows.model.method).default_weights == "laion400m_e31"
     assert windows.effective_normalization == "per_image"
-    assert BenchmarkConfig(method="windows", k_shot=4).validate().effective_normalization == (
-        "calibrated"
-    )
-    with pytest.raises(ConfigError, match="needs k_shot >= 2"):
-        BenchmarkConfig(method="windows", k_shot=1, normalization="calibrated").validate()
+    assert windows.effective_coreset_ratio is None  # the windows method keeps every patch
+    four = BenchmarkConfig(model=WinCLIPConfig(method="windows"), k_shot=4).validate()
+    assert four.effective_normalization == "calibrated"
+    assert BenchmarkConfig(k_shot=1).validate().effective_normalization == "calibrated"
+    with pytest.raises(ConfigError, match="needs at least 2 normal image"):
+        BenchmarkConfig(
+            model=WinCLIPConfig(method="windows"), k_shot=1, normalization="calibrated"
+        ).validate()
     with pytest.raises(ConfigError, match="method must be one of"):
-        BenchmarkConfig(method="window").validate()
+        BenchmarkConfig(model=WinCLIPConfig(method="window")).validate()

@@ -258,8 +258,10 @@ def _explain_top(
 # ======================================================================================
 # Whole benchmark
 # ======================================================================================
-def _load_model(cfg: BenchmarkConfig, weights: str, seed: int, device: torch.device) -> Any:
-    """A WinCLIP with the run's settings; ``seed`` draws random-init weights."""
+def _load_model(cfg: BenchmarkConfig, weights: str, seed: int, device: torch.device,
+                backbone: Any = None) -> Any:
+    """A WinCLIP with the run's settings; ``seed`` draws random-init weights. ``backbone``:
+    an already loaded one for these weights, seed and model (its text cache is kept)."""
     from ..winclip import WinCLIP
 
     ratio = cfg.effective_coreset_ratio
@@ -270,7 +272,7 @@ def _load_model(cfg: BenchmarkConfig, weights: str, seed: int, device: torch.dev
         normalization=cfg.effective_normalization,
         coreset_ratio=cfg.model.coreset_ratio if ratio is None else ratio,
     )
-    return WinCLIP(config=model)
+    return WinCLIP(config=model, backbone=backbone)
 
 
 def _package_versions() -> dict[str, str]:
@@ -325,7 +327,7 @@ def describe_run(
 
 def _prepare(cfg: BenchmarkConfig, log: Callable[..., None]) -> dict[str, Any]:
     """Everything checked before any model work: device, data, weights, the out folder."""
-    from ..hub.weights import resolve_weights
+    from ..hub.weights import check_layers, resolve_weights
 
     device = resolve_device(cfg.model.device)
     root, synthetic = resolve_dataset_root(cfg)
@@ -335,6 +337,7 @@ def _prepare(cfg: BenchmarkConfig, log: Callable[..., None]) -> dict[str, Any]:
     scorer = scorer_class(cfg.model.method)
     requested = cfg.model.pretrained or ("auto" if synthetic else scorer.default_weights)
     resolved = resolve_weights(cfg.model.model_name, requested, scorer.default_weights)
+    check_layers(cfg.model.model_name, cfg.model.layers)  # before a model is built
     # A tag is passed on as a tag (it carries open_clip's quick_gelu setting), never a file.
     weights = (
         "random"

@@ -201,7 +201,7 @@ def _synthetic_paths(root: Path, cfg: SpeedConfig) -> tuple[list[Path], list[Pat
         n_test_good=max(1, math.ceil(cfg.n_images / 2)),
         n_test_per_defect=per_defect,
         image_size=SYNTHETIC_SIZE,
-        seed=cfg.seed,
+        seed=cfg.model.seed,
     )
     data = load_mvtec_class(root, SPEED_CLASS)
     tests = [sample.path for sample in data.test]

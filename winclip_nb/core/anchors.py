@@ -102,8 +102,9 @@ class TextAnchors(tuple):
                 class_name: str | None = None) -> TextAnchors:
         if class_name is None:
             class_name = getattr(normal, "class_name", None)
-        for tensor in (normal, anomalous):
-            tensor.class_name = class_name
+        for tensor in (normal, anomalous):  # tag new tensors; never rename tagged ones
+            if getattr(tensor, "class_name", None) is None:
+                tensor.class_name = class_name
         anchors = super().__new__(cls, (normal, anomalous))
         anchors.class_name = class_name
         return anchors

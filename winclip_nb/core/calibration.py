@@ -15,8 +15,8 @@ Example:
     >>> cal = Calibration.from_normal_maps(maps, torch.ones(1, 4, 4, dtype=torch.bool))
     >>> [round(float(v), 4) for v in cal.branch_stats["nn_map"]]
     [0.2, 0.1483]
-    >>> resolve_normalization("calibrated", None)
-    'per_image'
+    >>> resolve_normalization("calibrated", cal)  # without statistics: per_image, with a warning
+    'calibrated'
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 from .anchors import TextAnchors
 from .calibration import Calibration, resolve_normalization
 from .config import WinCLIPConfig
+from .errors import MemoryBankError
 from .maps import (
     foreground_mask,
     gaussian_smooth,
@@ -37,7 +38,7 @@ from .maps import (
     upsample_maps,
 )
 from .runtime import host_pool, map_images, to_device
-from .scorers import Scorer, Scores, scorer_class
+from .scorers import SCORERS, Scorer, Scores, scorer_class
 
 
 @dataclass
@@ -147,12 +148,24 @@ class Detector:
         settings = cfg.replace(**{k: v for k, v in {
             "text_weight": text_weight, "nn_weight": nn_weight, "normalization": normalization,
             "sigma": sigma, "fg_threshold": fg_threshold}.items() if v is not None})
+        self._check_memory(fitted.memory)
         images_u8 = self._as_images(images)
         masks = self._foreground_later(images_u8, fitted.class_name, settings.fg_threshold)
         scores = self.scorer.score(self.backbone.to_pixels(images), fitted.anchors, fitted.memory)
         fg = to_device(masks(), self.device)
         out = self.postprocess(scores, fg, fitted, settings)
         return {**scores.branches, "text_score": scores.text_score, **out}
+
+    def _check_memory(self, memory: Any) -> None:
+        """Refuse a memory built by another method (clearly, not with an AttributeError)."""
+        if memory is None or isinstance(memory, self.scorer.memory_type):
+            return
+        built_by = [m for m in SCORERS if isinstance(memory, scorer_class(m).memory_type)]
+        raise MemoryBankError(
+            f"this memory ({type(memory).__name__}) was built by method="
+            f"{built_by[0] if built_by else 'unknown'!r}; rebuild it with "
+            f"method={self.config.method!r}"
+        )
 
     def postprocess(self, scores: Scores, fg_mask: torch.Tensor, fitted: FittedClass,
                     settings: WinCLIPConfig | None = None) -> dict[str, Any]:

@@ -106,14 +106,15 @@ def load_fitted(
                 f"memory bank {path} was built with {key}={saved!r}, but this "
                 f"model uses {key}={value!r}; rebuild it for this model"
             )
-    fields = dict(meta["memory"])
-    for f in dataclasses.fields(memory_type):
-        spec = fields.get(f.name)
-        if isinstance(spec, dict) and "tensor_list" in spec:
-            fields[f.name] = [tensors[f"memory.{f.name}.{i}"] for i in range(spec["tensor_list"])]
-        elif f"memory.{f.name}" in tensors:
-            fields[f.name] = tensors[f"memory.{f.name}"]
     try:
+        fields = dict(meta["memory"])
+        for f in dataclasses.fields(memory_type):
+            spec = fields.get(f.name)
+            if isinstance(spec, dict) and "tensor_list" in spec:
+                n = spec["tensor_list"]
+                fields[f.name] = [tensors[f"memory.{f.name}.{i}"] for i in range(n)]
+            elif f"memory.{f.name}" in tensors:
+                fields[f.name] = tensors[f"memory.{f.name}"]
         memory = memory_type(**fields)
     except (TypeError, KeyError) as err:
         raise MemoryBankError(f"{path} does not hold a {memory_type.__name__}: {err}") from err
@@ -122,10 +123,16 @@ def load_fitted(
         for k, v in tensors.items()
         if k.startswith("calibration.") and k != "calibration.fg_masks"
     }
-    calibration = None
-    if maps:
-        calibration = Calibration.from_normal_maps(maps, tensors["calibration.fg_masks"].bool())
-    anchors = TextAnchors(
-        tensors["anchors.normal"], tensors["anchors.anomalous"], meta["class_name"]
-    )
+    try:
+        calibration = None
+        if maps:
+            fg_masks = tensors["calibration.fg_masks"].bool()
+            calibration = Calibration.from_normal_maps(maps, fg_masks)
+        anchors = TextAnchors(
+            tensors["anchors.normal"], tensors["anchors.anomalous"], meta["class_name"]
+        )
+    except KeyError as err:
+        raise MemoryBankError(
+            f"{path} is not a complete memory bank: {err} is missing; rebuild it"
+        ) from err
     return FittedClass(anchors, memory, calibration)

@@ -74,6 +74,16 @@ def _encode_png(pixels: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
+def _generation_lock(base: Path) -> Any:
+    """:func:`file_lock` on ``<base>/.generating.lock``. Older versions locked with a
+    folder of that name (``mkdir``); one left by a killed run is removed first, so it
+    never blocks generation."""
+    lock = base / _LOCK_NAME
+    if lock.is_dir():
+        shutil.rmtree(lock, ignore_errors=True)
+    return file_lock(lock)
+
+
 def _synthetic_plan(settings: dict[str, Any]) -> list[tuple[str, str, str, int]]:
     """(class, split, defect, index) of every image the settings describe."""
     plan = []
@@ -216,7 +226,7 @@ def make_synthetic_mvtec(
     if _synthetic_set_complete(base, settings, plan):
         return base
     base.mkdir(parents=True, exist_ok=True)
-    with file_lock(base / _LOCK_NAME):
+    with _generation_lock(base):
         if _synthetic_set_complete(base, settings, plan):  # another process just made it
             return base
         _clear_synthetic_root(base, names, (SYNTHETIC_GENERATOR_TAG,))
@@ -350,7 +360,7 @@ def make_synthetic_visa(
     if complete():
         return base
     base.mkdir(parents=True, exist_ok=True)
-    with file_lock(base / _LOCK_NAME):
+    with _generation_lock(base):
         if complete():  # another process just made it
             return base
         if _clear_synthetic_root(base, settings["classes"], tags):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -196,6 +197,28 @@ def native_image_size(model_name: str) -> int | None:
         "image_size"
     )
     return int(size) if isinstance(size, int) else None
+
+
+def check_layers(model_name: str, layers: Sequence[int]) -> tuple[int, ...]:
+    """Layer indices valid for the vision transformer of ``model_name``, checked from
+    open_clip's model config without building the model (unknown depth: not checked).
+
+    >>> check_layers("ViT-B-16", [9, 10, 11])
+    (9, 10, 11)
+    """
+    import open_clip
+
+    vision = (open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}
+    n_blocks = vision.get("layers")
+    indices = tuple(int(i) for i in layers)
+    if isinstance(n_blocks, int):
+        bad = [i for i in indices if not 0 <= i < n_blocks]
+        if bad:
+            raise ConfigError(
+                f"unknown layer indices {bad} for {model_name}: it has {n_blocks} transformer "
+                f"blocks, valid indices are 0..{n_blocks - 1}"
+            )
+    return indices
 
 
 def load_open_clip(
