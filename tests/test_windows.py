@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from winclip_nb import ConfigError, FittedClass, MemoryBankError, WinCLIPConfig
+from winclip_nb import ConfigError, FittedClass, MemoryBankError, TextAnchors, WinCLIPConfig
 from winclip_nb.bench.parity import load_anomalib_winclip
 from winclip_nb.core import windows as win
 from winclip_nb.core.anchors import anomaly_probability, average_anchor, build_prompts
@@ -26,6 +26,8 @@ from winclip_nb.core.windows import (
     WINCLIP_ANOMALOUS_STATES,
     WINCLIP_NORMAL_STATES,
     WINCLIP_TEMPLATES,
+    harmonic_aggregation,
+    visual_association_score,
 )
 from winclip_nb.data import list_images
 
@@ -377,6 +379,7 @@ def parity(synthetic_root):
     return {
         "ours": ours,
         "theirs": theirs,
+        "ref_pixels": ref_pixels,
         "anchors": (normal, anomalous),
         "class_name": class_name,
         "embeddings": embeddings,
@@ -489,6 +492,73 @@ def test_anomalib_without_adapter_collapses_windows(parity) -> None:
         fixed = theirs._get_window_embeddings(tokens, theirs.masks[0])
     assert float(collapsed[0].std(dim=0).max()) < 1e-5
     assert float(fixed[0].std(dim=0).mean()) > 1e-3
+
+
+def _flat_scene(top: int, left: int) -> np.ndarray:
+    """A dark, screw-like bar on a flat grey background (240 x 240 RGB)."""
+    image = np.full((240, 240, 3), 128, np.uint8)
+    image[top : top + 24, left : left + 120] = 40
+    image[top + 6 : top + 18, left + 120 : left + 150] = 70  # the head
+    return image
+
+
+def test_parity_on_a_flat_background_keeps_the_stable_rule(parity) -> None:
+    """On a flat background the test and reference windows are identical, their few-shot
+    score is 0 up to float noise, and anomalib's harmonic mean divides by it (inverses of
+    +-1e7 cancel into noise). This project sets every patch covered by a score <= 0 to 0
+    (harmonic_aggregation). Elsewhere the two agree to <= 1e-4 on the grid map."""
+    from anomalib.models.image.winclip.utils import class_scores
+
+    ours, theirs = parity["ours"], parity["theirs"]
+    reference, tests = _flat_scene(40, 30), np.stack([_flat_scene(150, 80), _flat_scene(100, 40)])
+    anchors = TextAnchors(*parity["anchors"], parity["class_name"])
+    fitted = ours.fit(anchors, reference[None])
+    out = ours.detect_batch(tests, fitted, normalization="per_image")
+    pixels, ref_pixels = ours.backbone.to_pixels(tests), ours.backbone.to_pixels(reference[None])
+    try:
+        with torch.inference_mode():
+            theirs.setup(reference_images=ref_pixels.float())
+            image, windows, patches = theirs.encode_image(pixels.float())
+            zero = theirs._compute_zero_shot_scores(
+                class_scores(image, theirs.text_embeddings, theirs.temperature, target_class=1),
+                windows,
+            )
+            grid_theirs = (zero + theirs._compute_few_shot_scores(patches, windows)) / 2
+    finally:
+        theirs.setup(reference_images=parity["ref_pixels"].float())
+    emb, encoder = ours.scorer.embed(pixels), ours.scorer.encoder
+    covered = torch.zeros(2, 225, dtype=torch.bool)
+    for window_emb, bank, cover in zip(
+        emb.windows, fitted.memory.window_banks, encoder.coverages, strict=True
+    ):
+        zero_windows = visual_association_score(window_emb, bank) <= 0
+        covered |= (zero_windows.float() @ cover.T.float()) > 0
+        # the rule: a patch under a zero-score window gets 0 at that scale
+        aggregated = harmonic_aggregation(visual_association_score(window_emb, bank), cover)
+        assert torch.all(aggregated[(zero_windows.float() @ cover.T.float()) > 0] == 0)
+    assert covered.any() and not covered.all()  # the case exists, and so do clean patches
+    diff = (out["fused_map"].view(2, -1) - grid_theirs.view(2, -1)).abs()
+    assert float(diff[~covered].max()) <= PARITY_ATOL
+    print(
+        f"\nflat background: {int(covered.sum())} of {covered.numel()} patches under a "
+        f"zero-score window; max |diff| elsewhere {float(diff[~covered].max()):.1e}, "
+        f"there {float(diff[covered].max()):.1e}"
+    )
+
+
+def test_parity_of_an_underscore_class_name(parity) -> None:
+    """The prompts here read ``metal_nut`` as "metal nut"; anomalib's use the name as
+    given. With the same words the anchors agree; with the raw name they do not."""
+    ours, theirs = parity["ours"], parity["theirs"]
+    anchors = F.normalize(ours.build_text_anchors("metal_nut").stacked(), dim=-1)
+    try:
+        theirs.setup("metal nut")
+        same = _max_diff(anchors, F.normalize(theirs.text_embeddings.float(), dim=-1))
+        theirs.setup("metal_nut")
+        raw = _max_diff(anchors, F.normalize(theirs.text_embeddings.float(), dim=-1))
+    finally:
+        theirs.setup(parity["class_name"])
+    assert same <= PARITY_ATOL < MUTATION_MIN_DIFF < raw
 
 
 # ======================================================================================

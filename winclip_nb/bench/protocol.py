@@ -78,7 +78,7 @@ def memory_images(class_data: ClassData, cfg: BenchmarkConfig, seed: int) -> lis
     if cfg.k_shot > class_data.n_train:
         raise ConfigError(
             f"k_shot={cfg.k_shot} but class {class_data.name!r} has only {class_data.n_train} "
-            f"training images in {class_data.root / 'train' / 'good'}"
+            f"training images in {class_data.train_source or class_data.root}"
         )
     return sample_k_shot(class_data.train, cfg.k_shot, seed)
 

@@ -152,6 +152,9 @@ class ClassData:
     train: list[Path]
     test: list[TestSample]
     synthetic: bool = False
+    #: Where the normal training images come from, as a user would name it (a folder, or
+    #: the split file of a VisA class); error messages point there.
+    train_source: str = ""
 
     @property
     def n_train(self) -> int:
@@ -282,6 +285,7 @@ def load_mvtec_class(root: str | os.PathLike, name: str) -> ClassData:
         train=train,
         test=test,
         synthetic=_is_synthetic_root(base),
+        train_source=str(train_dir),
     )
 
 
@@ -339,6 +343,7 @@ def load_folder_dataset(
         train=train,
         test=test,
         synthetic=False,
+        train_source=str(good),
     )
 
 
@@ -488,6 +493,7 @@ def load_visa_class(root: str | os.PathLike, name: str) -> ClassData:
         train=sorted(train),
         test=test,
         synthetic=_is_synthetic_root(base),
+        train_source=f"{split_file} (split 'train', object {class_name})",
     )
 
 

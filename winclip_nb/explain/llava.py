@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -348,22 +349,38 @@ class LlavaExplainer:
         return explanation
 
 
+#: ``use_llava`` values: LLaVA with the rule-based fallback, LLaVA or an error, no LLaVA.
+LLAVA_FALLBACK = (True, "auto")
+LLAVA_REQUIRED = "require"
+LLAVA_OFF = (False, "no", "off")
+#: LLaVA models whose fallback was already announced (the warning is said once per model).
+_FALLBACK_WARNED: set[str] = set()
+
+
+class ExplainerFallbackWarning(UserWarning):
+    """LLaVA could not be loaded; the rule-based explainer is used instead."""
+
+
 def load_explainer(
-    use_llava: bool | str = "auto",
+    use_llava: bool | str = True,
     llava_model: str | Path = DEFAULT_LLAVA_MODEL,
     device: str = "auto",
     threshold: float = DEFAULTS.hotspot_threshold,
 ) -> RuleBasedExplainer | LlavaExplainer:
     """The explainer to use.
 
-    ``False``: rule-based. ``True``: LLaVA, or :class:`ExplainerError` naming the model and
-    the cause. ``"auto"``: LLaVA if it loads, else a one-line notice on stderr (naming the
-    model and the cause, e.g. out of memory) and rule-based.
+    ``True`` (or ``"auto"``): LLaVA when it loads; when it cannot (weights missing,
+    offline, out of memory) the rule-based explainer, with one
+    :class:`ExplainerFallbackWarning` per model that names the model and the cause.
+    ``"require"``: LLaVA, or :class:`ExplainerError` naming the model and the cause.
+    ``False``: rule-based. Reports name the explainer that was used.
     """
-    if use_llava is False or (isinstance(use_llava, str) and use_llava.lower() in {"no", "off"}):
+    if use_llava in LLAVA_OFF:
         return RuleBasedExplainer(threshold)
-    if use_llava not in (True, "auto"):
-        raise ExplainerError(f"use_llava must be True, False or 'auto', got {use_llava!r}")
+    if use_llava not in (*LLAVA_FALLBACK, LLAVA_REQUIRED):
+        raise ExplainerError(
+            f"use_llava must be True, False, 'auto' or 'require', got {use_llava!r}"
+        )
     try:
         try:
             return LlavaExplainer.from_pretrained(llava_model, device=device, threshold=threshold)
@@ -372,8 +389,16 @@ def load_explainer(
                 f"cannot load LLaVA model {llava_model}: {type(exc).__name__}: {exc}"
             ) from exc
     except ExplainerError as exc:
-        if use_llava is True:
+        if use_llava == LLAVA_REQUIRED:
             raise
-        reason = " ".join(str(exc).split())
-        print(f"LLaVA unavailable, using rule-based explanations ({reason})", file=sys.stderr)
+        if str(llava_model) not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(str(llava_model))
+            reason = " ".join(str(exc).split())
+            warnings.warn(
+                f"LLaVA-OneVision could not be loaded, so the rule-based explainer describes "
+                f"the regions instead ({reason}). Pass use_llava='require' to make this an "
+                "error.",
+                ExplainerFallbackWarning,
+                stacklevel=3,
+            )
         return RuleBasedExplainer(threshold)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..core.config import DEFAULTS
-from ..core.errors import DataError
+from ..core.errors import ConfigError, DataError
 from ..core.results import RANDOM_WEIGHTS_BANNER, DetectionResult
 from ..data.files import safe_name
 from ..data.images import list_images
@@ -121,6 +121,38 @@ def summary_line(report: dict[str, Any]) -> str:
     )
 
 
+#: Where report files go when no folder is named (relative to the working directory).
+DEFAULT_REPORT_DIR = "reports"
+
+
+def free_stem(folder: Path, stem: str, image_name: str) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ...: the first whose report in ``folder`` is
+    absent or belongs to ``image_name`` itself, so another image's files are never
+    overwritten (and a rerun of the same image reuses its names)."""
+    candidate, n = stem, 1
+    while True:
+        existing = folder / f"{candidate}_report.json"
+        if not existing.is_file():
+            return candidate
+        try:
+            owner = json.loads(existing.read_text(encoding="utf-8")).get("image")
+        except (OSError, ValueError):
+            owner = None
+        if owner == image_name:
+            return candidate
+        n += 1
+        candidate = f"{stem}_{n}"
+
+
+def _report_folder(out_dir: str | Path | None, save: bool) -> Path | None:
+    """The folder report files go to: ``out_dir``, else ``reports/``; None with ``save=False``."""
+    if not save:
+        if out_dir is not None:
+            raise ConfigError(f"out_dir={str(out_dir)!r} was given with save=False")
+        return None
+    return Path(out_dir if out_dir is not None else DEFAULT_REPORT_DIR)
+
+
 def _inside(folder: Path, path: Path) -> Path:
     """``path`` if it lies directly in ``folder``; else :class:`DataError`."""
     if path.resolve().parent != folder.resolve():
@@ -142,7 +174,7 @@ def write_report_files(
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    name = _sanitise(name)
+    name = free_stem(folder, _sanitise(name), str(report.get("image", "")))
     paths = {
         kind: _inside(folder, folder / f"{name}_{suffix}")
         for kind, suffix in (
@@ -257,23 +289,32 @@ def detect_and_explain(
     normal_anchor: Any,
     anomalous_anchor: Any,
     class_name: str,
-    use_llava: bool | str = "auto",
+    use_llava: bool | str = True,
     top_k: int = DEFAULTS.top_k,
     out_dir: str | Path | None = None,
     llava_model: str | Path = DEFAULT_LLAVA_MODEL,
     explainer: RuleBasedExplainer | LlavaExplainer | None = None,
     fitted: Any = None,
+    *,
+    save: bool = True,
 ) -> dict[str, Any]:
-    """Detect anomalies in one image and explain the ``top_k`` strongest regions.
+    """Detect anomalies in one image, explain the ``top_k`` strongest regions and save
+    ``{image stem}_heatmap.png``, ``_boxes.png``, ``_report.txt`` and ``_report.json`` in
+    ``out_dir`` (default ``reports/``; another image's files there are never overwritten:
+    a clashing stem gets ``_2``, ``_3``, ...). ``save=False`` writes nothing.
+
+    ``use_llava``: True (LLaVA, falling back to the rule-based explainer with one warning
+    when it cannot be loaded), ``"require"`` (LLaVA or :class:`ExplainerError`), False.
 
     Returns ``{"explanation": report text, "regions": [{"id", "box", "confidence",
     "location", "description", "severity", "peak_z", "mean_z", "area_fraction",
     "description_source", "severity_source", "llava_answer"}, ...], "score",
-    "explainer": "rule-based" | "llava:<model>", "random_weights", "paths": {"heatmap",
-    "boxes", "report_txt", "report_json"} (empty without ``out_dir``), "image",
-    "class_name", "threshold", "max_severity", "recommendation", "summary"}``.
-    An image without hotspots gets zero regions and a PASS.
+    "explainer": "rule-based" | "llava:<model>" (the one actually used), "random_weights",
+    "paths": {"heatmap", "boxes", "report_txt", "report_json"} (empty with
+    ``save=False``), "image", "class_name", "threshold", "max_severity",
+    "recommendation", "summary"}``. An image without hotspots gets zero regions and a PASS.
     """
+    folder = _report_folder(out_dir, save)
     threshold = _winclip_threshold(winclip)
     if explainer is None:
         explainer = load_explainer(use_llava, llava_model, threshold=threshold)
@@ -287,7 +328,7 @@ def detect_and_explain(
         top_k=top_k,
         threshold=threshold,
         random_weights=bool(result.random_weights or getattr(winclip, "random_weights", False)),
-        out_dir=out_dir,
+        out_dir=folder,
     )
 
 
@@ -311,19 +352,23 @@ def explain_images(
     class_name: str,
     *,
     top_n: int | None = None,
-    use_llava: bool | str = "auto",
+    use_llava: bool | str = True,
     top_k: int = DEFAULTS.top_k,
     out_dir: str | Path | None = None,
     llava_model: str | Path = DEFAULT_LLAVA_MODEL,
     explainer: RuleBasedExplainer | LlavaExplainer | None = None,
     fitted: Any = None,
+    save: bool = True,
 ) -> list[dict[str, Any]]:
-    """Detect all images, keep the ``top_n`` highest scores (all if None), explain each.
+    """Detect all images, keep the ``top_n`` highest scores (all if None), explain each,
+    and save each one's files as :func:`detect_and_explain` does (``out_dir``, default
+    ``reports/``; ``save=False`` writes nothing).
 
     The explainer is loaded once. Reports come most anomalous first, each with a
     ``rank`` (1 = highest score); file names are the images' safe stems (prefixed by
     the parent folder where stems clash, e.g. ``crack_000``).
     """
+    folder = _report_folder(out_dir, save)
     image_paths = list(image_paths)
     if not image_paths:
         return []
@@ -349,7 +394,7 @@ def explain_images(
             top_k=top_k,
             threshold=threshold,
             random_weights=bool(result.random_weights or getattr(winclip, "random_weights", False)),
-            out_dir=out_dir,
+            out_dir=folder,
             file_stem=names[i],
         )
         report["rank"] = rank
@@ -382,7 +427,10 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-k", type=int, default=DEFAULTS.top_k, help="regions explained per image"
     )
-    parser.add_argument("--out", required=True, help="output folder for figures and reports")
+    parser.add_argument(
+        "--out", default=DEFAULT_REPORT_DIR, help="output folder for figures and reports "
+        f"(default {DEFAULT_REPORT_DIR})"
+    )
 
 
 def run_explain_cli(args: argparse.Namespace) -> int:
@@ -408,7 +456,7 @@ def run_explain_cli(args: argparse.Namespace) -> int:
         normal_anchor,
         anomalous_anchor,
         args.class_name,
-        use_llava=False if args.no_llava else "auto",
+        use_llava=not args.no_llava,
         top_k=args.top_k,
         out_dir=args.out,
         llava_model=args.llava_model,
