@@ -128,10 +128,11 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _random_anchors(dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    pair = torch.nn.functional.normalize(torch.randn(2, dim, generator=gen), dim=-1)
-    return pair[0].to(device), pair[1].to(device)
+def _random_anchors(winclip: Any, class_name: str = SPEED_CLASS) -> Any:
+    """Seeded random unit anchors of ``class_name`` (speed does not depend on the text)."""
+    from winclip_nb.bench.speed import random_anchors
+
+    return random_anchors(winclip, class_name, 0)
 
 
 def _versions() -> dict[str, Any]:
@@ -202,8 +203,7 @@ def _token_rows(
     device: torch.device,
 ) -> list[dict[str, Any]]:
     """One row per batch size: backbone, detection, detection without host masks."""
-    anchors = _random_anchors(winclip.backbone.embed_dim, device)
-    winclip.class_name = SPEED_CLASS
+    anchors = _random_anchors(winclip)
     start = time.perf_counter()
     winclip.build_normal_memory(train, *anchors, progress=False)
     _sync(device)
@@ -219,8 +219,15 @@ def _token_rows(
         def backbone(b: torch.Tensor = batch) -> Any:
             return winclip.backbone(b)
 
-        def detect(b: torch.Tensor = batch) -> Any:
-            return winclip.detect_resized(b, *anchors)
+        def detect(b: torch.Tensor = batch, fitted: Any = winclip.fitted) -> Any:
+            return winclip.detect_batch(b, fitted)
+
+        def detect_texture(b: torch.Tensor = batch, fitted: Any = winclip.fitted) -> Any:
+            # the same class under a texture name: no host-side foreground masks
+            texture = type(fitted)(
+                _random_anchors(winclip, "weave"), fitted.memory, fitted.calibration
+            )
+            return winclip.detect_batch(b, texture)
 
         row: dict[str, Any] = {"precision": precision, "batch_size": bs}
         _reset_peak(device)
@@ -231,9 +238,7 @@ def _token_rows(
         row["detect_peak_mb"] = _peak_mb(device)
         # The same detection for a texture class: no host-side foreground masks, so the
         # gap to the row above is what the OpenCV masks cost.
-        winclip.class_name = "weave"
-        row["detect_no_fg_img_s"] = round(_rate(detect, bs, device, min_s), 1)
-        winclip.class_name = SPEED_CLASS
+        row["detect_no_fg_img_s"] = round(_rate(detect_texture, bs, device, min_s), 1)
         row["memory_build_s"] = round(memory_s, 3)
         row["memory_patches"] = winclip.memory.size
         rows.append(row)
@@ -251,9 +256,9 @@ def section_files(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dic
     import shutil
 
     from torch.utils.data import DataLoader
-    from winclip_nb.benchmark import TestImageDataset, _collate
 
     from winclip_nb import WinCLIP
+    from winclip_nb.bench.loader import TestImageDataset, _collate
     from winclip_nb.data import load_mvtec_class
 
     n_files, side = sizes["file_images"], sizes["file_size"]
@@ -269,9 +274,7 @@ def section_files(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dic
         shutil.copyfile(src.path, dst)
         samples.append(type(src)(path=dst, label=src.label, defect="good", mask_path=None))
     winclip = WinCLIP(device=str(device), pretrained="random", image_size=sizes["image_size"])
-    anchors = _random_anchors(winclip.backbone.embed_dim, device)
-    winclip.class_name = SPEED_CLASS
-    winclip.build_normal_memory(data.train, *anchors, progress=False)
+    fitted = winclip.fit_images(_random_anchors(winclip), data.train)
     dataset = TestImageDataset(samples, winclip.config.image_size, 256)
     rows = []
     for workers in sizes["workers"]:
@@ -292,7 +295,7 @@ def section_files(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dic
 
         def decode_and_detect(make: Callable[[], DataLoader] = loader) -> None:
             for batch in make():
-                winclip.detect_resized(batch["image"], *anchors)
+                winclip.detect_batch(batch["image"], fitted)
 
         decode_only()  # warm the page cache
         start = time.perf_counter()
@@ -402,7 +405,7 @@ def section_agreement(sizes: dict[str, Any], device: torch.device, tmp: Path) ->
 def _maps_and_metrics(
     winclip: Any, paths: list[Path], anchors: Any, labels: np.ndarray, masks: np.ndarray
 ) -> dict[str, Any]:
-    from winclip_nb.metrics import compute_metrics
+    from winclip_nb.bench.metrics import compute_metrics
 
     results = winclip.detect(paths, *anchors)
     maps = np.stack([r.anomaly_map for r in results])
@@ -447,15 +450,14 @@ def section_windows(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
     reference = list_images(root / SPEED_CLASS / "train" / "good")[:1]
     tests = list_images(root / SPEED_CLASS / "test" / "good")
     windows = WinCLIP(device=str(device), pretrained="random", method="windows")
-    anchors = _random_anchors(windows.backbone.embed_dim, device)
-    windows.class_name = SPEED_CLASS
+    anchors = _random_anchors(windows)
     windows.build_normal_memory(reference, *anchors, progress=False)
     resized = [windows.prepare(p)[0] for p in tests]
     rows = []
     anomalib_note = None
     anomalib_model = None
     try:
-        from winclip_nb.parity import load_anomalib_winclip
+        from winclip_nb.bench.parity import load_anomalib_winclip
 
         anomalib_model = load_anomalib_winclip(windows)
         anomalib_model._text_embeddings = torch.stack(anchors).float()  # noqa: SLF001
@@ -508,11 +510,10 @@ def section_windows(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
 
 def section_explain(sizes: dict[str, Any], device: torch.device, tmp: Path) -> dict[str, Any]:
     """One detect_and_explain with a tiny random LLaVA-OneVision on the device."""
-    from winclip_nb.tiny_llava import build_tiny_llava
-
     from winclip_nb import WinCLIP, detect_and_explain
     from winclip_nb.data import list_images
-    from winclip_nb.explain import LlavaExplainer
+    from winclip_nb.explain.llava import LlavaExplainer
+    from winclip_nb.explain.tiny_llava import build_tiny_llava
 
     root = _synthetic(tmp / "explain", 2, 8, 256)
     train = list_images(root / SPEED_CLASS / "train" / "good")

@@ -21,6 +21,14 @@ torch.set_num_threads(2)
 TEST_SET = {"n_train": 6, "n_test_good": 3, "n_test_per_defect": 2, "image_size": 128}
 
 
+@pytest.fixture(autouse=True)
+def _fresh_llava_fallback_notice(monkeypatch):
+    """Each test sees the once-per-model LLaVA fallback warning afresh."""
+    from winclip_nb.explain import llava
+
+    monkeypatch.setattr(llava, "_FALLBACK_WARNED", set())
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic_mvtec")

@@ -61,7 +61,7 @@ Weights, device, LLaVA
       test_cli::test_console_script_cuda_without_cuda_exits_2
       test_errors::test_winclip_on_cuda_without_cuda
   LLaVA fails to load or runs out of memory (rule-based, with a notice)
-      test_explain::test_load_explainer_auto_falls_back_and_true_raises
+      test_explain::test_load_explainer_falls_back_once_and_require_raises
       test_explain::test_uncached_hub_id_fails_fast_when_offline
       test_errors::test_llava_out_of_memory_at_load_falls_back
       test_errors::test_benchmark_explains_rule_based_when_llava_cannot_load
@@ -137,7 +137,7 @@ from winclip_nb.core.errors import (
 from winclip_nb.core.maps import find_hotspots
 from winclip_nb.core.results import DetectionResult
 from winclip_nb.data import DataWarning, load_image, make_synthetic_mvtec, render_synthetic_image
-from winclip_nb.explain.llava import LlavaExplainer, load_explainer
+from winclip_nb.explain.llava import ExplainerFallbackWarning, LlavaExplainer, load_explainer
 from winclip_nb.explain.report import detect_and_explain, explain_result
 from winclip_nb.explain.rules import RuleBasedExplainer
 from winclip_nb.winclip import WinCLIP
@@ -727,20 +727,21 @@ def test_llava_out_of_memory_at_load_falls_back(
     llava_dir.mkdir()
     _fail_llava_load(monkeypatch, error, where)
     image = root / "disc" / "test" / "hole" / "000.png"
-    report = detect_and_explain(
-        winclip, image, *disc_memory, "disc", use_llava="auto", llava_model=llava_dir,
-        out_dir=tmp_path / "out",
-    )  # fmt: skip
-    notice = capsys.readouterr().err.strip().splitlines()[-1]
-    assert notice.startswith("LLaVA unavailable, using rule-based explanations")
+    with pytest.warns(ExplainerFallbackWarning) as caught:
+        report = detect_and_explain(
+            winclip, image, *disc_memory, "disc", use_llava=True, llava_model=llava_dir,
+            out_dir=tmp_path / "out",
+        )  # fmt: skip
+    notice = str(caught[0].message)
+    assert notice.startswith("LLaVA-OneVision could not be loaded")
     assert str(llava_dir) in notice and "out of memory" in notice
     assert report["explainer"] == "rule-based"
     assert "Explainer:      rule-based" in report["explanation"]
     saved = json.loads(Path(report["paths"]["report_json"]).read_text())
     assert saved["explainer"] == "rule-based"
-    # Asked for LLaVA explicitly: the same cause is an ExplainerError naming the model.
+    # LLaVA required: the same cause is an ExplainerError naming the model.
     with pytest.raises(ExplainerError, match=f"{re.escape(str(llava_dir))}.*out of memory"):
-        load_explainer(True, llava_dir, device="cpu")
+        load_explainer("require", llava_dir, device="cpu")
 
 
 def test_benchmark_explains_rule_based_when_llava_cannot_load(
@@ -751,9 +752,13 @@ def test_benchmark_explains_rule_based_when_llava_cannot_load(
     missing_llava = tmp_path / "no-llava-here"
     argv = bench(disc_copy, tmp_path / "out", "--explain", "1", "--llava", "--llava-model",
                  str(missing_llava))  # fmt: skip
-    assert cli.main(argv) == 0
-    err = capsys.readouterr().err
-    assert "LLaVA unavailable, using rule-based explanations" in err and str(missing_llava) in err
+    with pytest.warns(ExplainerFallbackWarning, match="LLaVA-OneVision could not be loaded") as w:
+        assert cli.main(argv) == 0
+    assert str(missing_llava) in str(w[0].message)
+    # outside pytest the CLI prints it as one line
+    assert cli._one_line_warning(w[0].message, w[0].category, "f.py", 1) == (
+        f"winclip-nb: warning: {w[0].message}\n"
+    )
     row = json.loads((tmp_path / "out" / "classes" / "disc.json").read_text())["result"]
     assert row["explainer"] == "rule-based" and len(row["explanations"]) == 1
     (report,) = (tmp_path / "out" / "explain" / "disc").glob("*_report.json")

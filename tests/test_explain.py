@@ -17,12 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from winclip_nb.core.errors import ExplainerError
+from winclip_nb.core.errors import ConfigError, ExplainerError
 from winclip_nb.core.maps import find_hotspots
 from winclip_nb.core.results import DetectionResult
 from winclip_nb.explain.llava import (
     DEFAULT_LLAVA_MODEL,
     MAX_DESCRIPTION_CHARS,
+    ExplainerFallbackWarning,
     LlavaExplainer,
     load_explainer,
     parse_llava_answer,
@@ -323,8 +324,36 @@ def test_report_files_text_json_and_random_weights(tmp_path):
 
     winclip.random_weights = False
     result.random_weights = False
-    report = detect_and_explain(winclip, image_path, None, None, "disc", use_llava=False)
+    report = detect_and_explain(
+        winclip, image_path, None, None, "disc", use_llava=False, save=False
+    )
     assert report["paths"] == {} and "RANDOM WEIGHTS" not in report["explanation"]
+    with pytest.raises(ConfigError, match="save=False"):
+        detect_and_explain(
+            winclip, image_path, None, None, "disc", use_llava=False, out_dir=out_dir, save=False
+        )
+
+
+def test_reports_default_folder_never_overwrites_another_image(tmp_path, monkeypatch):
+    """Without out_dir the files go to reports/; a second image with the same stem gets
+    its own names, a rerun of the same image reuses its own."""
+    monkeypatch.chdir(tmp_path)
+    image, result = make_scene()
+    first = save_png(tmp_path / "a" / "000.png", image)
+    second = save_png(tmp_path / "b" / "000.png", image)
+    winclip = FakeWinCLIP({"000.png": result})
+    one = detect_and_explain(winclip, first, None, None, "disc", use_llava=False)
+    two = detect_and_explain(winclip, second, None, None, "disc", use_llava=False)
+    again = detect_and_explain(winclip, first, None, None, "disc", use_llava=False)
+    assert one["paths"]["report_txt"] == str(Path("reports") / "000_report.txt")
+    assert two["paths"]["report_txt"] == str(Path("reports") / "000_2_report.txt")
+    assert again["paths"] == one["paths"]
+    owners = {
+        json.loads(Path(p).read_text())["image"]
+        for p in (one["paths"]["report_json"], two["paths"]["report_json"])
+    }
+    assert owners == {str(first), str(second)}
+    assert len(list(Path("reports").iterdir())) == 8
 
 
 def test_normal_image_gets_no_regions(tmp_path):
@@ -430,14 +459,19 @@ def test_viz_functions_return_matplotlib_objects(tmp_path):
 
 
 # ------------------------------------------------------------------- explainer loading
-def test_load_explainer_auto_falls_back_and_true_raises(capsys):
-    explainer = load_explainer("auto", "/nonexistent/model")
-    assert isinstance(explainer, RuleBasedExplainer)
-    notice = capsys.readouterr().err.strip().splitlines()
-    assert len(notice) == 1 and "/nonexistent/model" in notice[0]
+def test_load_explainer_falls_back_once_and_require_raises(recwarn):
+    for use_llava in (True, "auto", True):
+        assert isinstance(load_explainer(use_llava, "/nonexistent/model"), RuleBasedExplainer)
+    notices = [w for w in recwarn if issubclass(w.category, ExplainerFallbackWarning)]
+    assert len(notices) == 1  # once per model
+    message = str(notices[0].message)
+    assert "/nonexistent/model" in message and "rule-based explainer" in message
+    assert "use_llava='require'" in message
     with pytest.raises(ExplainerError, match="/nonexistent"):
-        load_explainer(True, "/nonexistent")
+        load_explainer("require", "/nonexistent")
     assert isinstance(load_explainer(False, "/nonexistent"), RuleBasedExplainer)
+    with pytest.raises(ExplainerError, match="use_llava must be True, False, 'auto' or 'require'"):
+        load_explainer("maybe", "/nonexistent")
 
 
 def test_uncached_hub_id_fails_fast_when_offline(monkeypatch):
@@ -445,13 +479,13 @@ def test_uncached_hub_id_fails_fast_when_offline(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExplainerError, match="no-such-org/no-such-llava.*HF_HUB_OFFLINE"):
-        load_explainer(True, "no-such-org/no-such-llava")
+        load_explainer("require", "no-such-org/no-such-llava")
     # Not flagged offline, but the hub does not answer: no minutes of download retries.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: False)
     with pytest.raises(ExplainerError, match="no-such-org/no-such-llava.*cannot be reached"):
-        load_explainer(True, "no-such-org/no-such-llava")
+        load_explainer("require", "no-such-org/no-such-llava")
 
 
 # ------------------------------------------------------------------------------ LLaVA
@@ -574,7 +608,7 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
 
     good = next(s for s in data.test if s.label == 0)
     report = detect_and_explain(
-        winclip, good.path, normal_anchor, anomalous_anchor, "disc", use_llava=False
+        winclip, good.path, normal_anchor, anomalous_anchor, "disc", use_llava=False, save=False
     )
     assert report["regions"] == []
     assert "No anomaly above threshold" in report["explanation"]
@@ -588,7 +622,7 @@ def test_end_to_end_rule_based_on_synthetic_defects(disc_setup, tmp_path):
     cv2.circle(image, (cx, cy), 6, (20, 18, 16), -1)
     spot_path = save_png(tmp_path / "spot.png", image)
     report = detect_and_explain(
-        winclip, spot_path, normal_anchor, anomalous_anchor, "disc", use_llava=False
+        winclip, spot_path, normal_anchor, anomalous_anchor, "disc", use_llava=False, save=False
     )
     first = report["regions"][0]
     assert first["location"] == "top left"

@@ -7,6 +7,7 @@ Subcommands::
     winclip-nb explain IMAGE ... [options]  detect and explain single images
     winclip-nb run-notebooks [options]      execute the tutorial notebooks
     winclip-nb bench-speed [options]        throughput of the detector
+    winclip-nb grid plan|run|summary ...    a benchmark grid as a SLURM job array
     winclip-nb prefetch [options]           download weights into the caches, check MVTec-AD
 
 Global flags (before or after the subcommand): ``--debug`` shows tracebacks,
@@ -22,6 +23,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -71,6 +73,12 @@ LAZY_COMMANDS: dict[str, _LazyCommand] = {
         "add_run_notebooks_arguments",
         "run_notebooks_cli",
         "execute the tutorial notebooks",
+    ),
+    "grid": _LazyCommand(
+        "winclip_nb.bench.grid",
+        "add_grid_arguments",
+        "run_grid_cli",
+        "a benchmark grid as a SLURM job array: plan, run one task, summary",
     ),
     "bench-speed": _LazyCommand(
         "winclip_nb.bench.speed",
@@ -198,9 +206,15 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"{PROG}: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (never raises SystemExit)."""
+    """Run the command line; returns the exit code (never raises SystemExit). Warnings
+    show as one line each (``winclip-nb: warning: ...``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     debug = "--debug" in argv
     if "--offline" in argv:  # before huggingface_hub is first imported
         os.environ["HF_HUB_OFFLINE"] = "1"

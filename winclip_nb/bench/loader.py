@@ -54,13 +54,6 @@ MAX_DEFAULT_WORKERS = 4
 _FLOAT16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def worker_init(_worker_id: int) -> None:
-    """In each DataLoader worker, OpenCV on one thread: the workers already run in
-    parallel, and OpenCV's own threads on every worker oversubscribe the CPUs (seen on a
-    16-core GPU machine: the same decoding rate with 4, 8 or 15 workers)."""
-    cv2.setNumThreads(1)
-
-
 def default_workers(device: torch.device) -> int:
     """min(4, CPUs - 1) DataLoader workers on CUDA, 0 (main process) on CPU."""
     if device.type != "cuda":

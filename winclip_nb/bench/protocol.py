@@ -42,7 +42,6 @@ from .loader import (
     default_workers,
     load_benchmark_classes,
     resolve_dataset_root,
-    worker_init,
 )
 from .metrics import METRIC_KEYS, compute_metrics
 from .report import _class_line, _header_lines, save_examples_figure
@@ -180,7 +179,6 @@ def _run_test_images(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         collate_fn=_collate,
-        worker_init_fn=worker_init if workers else None,
     )
     if eval_size:
         maps: Any = np.zeros((n, eval_size, eval_size), np.float16)
