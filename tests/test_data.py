@@ -3,6 +3,7 @@ safe files (atomic writes, the file lock)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -668,15 +669,30 @@ def test_atomic_write_failing_midway_leaves_no_temporary_and_the_old_file(
     the temporary file is removed and the target keeps its previous content."""
     target = tmp_path / "results.json"
     atomic_write(target, "old\n")
-    real_write = Path.write_text
+    from winclip_nb import StorageError
+    from winclip_nb.data import files
 
-    def half_then_fail(self: Path, data: str, *args, **kwargs) -> int:
-        real_write(self, data[: len(data) // 2], *args, **kwargs)
-        assert self.name.startswith(".results.json.") and self.exists()  # the temporary
-        raise OSError("No space left on device (simulated)")
+    real_open = open
 
-    monkeypatch.setattr(Path, "write_text", half_then_fail)
-    with pytest.raises(OSError, match="simulated"):
+    class HalfThenFail:
+        def __init__(self, path, mode, *args, **kwargs):
+            assert Path(path).name.startswith(".results.json.")  # the temporary file
+            self.path, self.handle = Path(path), real_open(path, mode, *args, **kwargs)
+
+        def write(self, data: bytes) -> int:
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            assert self.path.stat().st_size > 0  # part of it is on disk
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(files, "open", HalfThenFail, raising=False)
+    with pytest.raises(StorageError, match=r"cannot write .*results\.json: no space left"):
         atomic_write(target, "new content\n" * 100)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

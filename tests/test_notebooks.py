@@ -194,6 +194,10 @@ def test_cli_arguments_reach_run_notebooks(monkeypatch: pytest.MonkeyPatch) -> N
     assert runner.run_notebooks_cli(args) == 0
     assert seen["parameters"] == {"device": "cuda", "n_train": 4}
     assert seen["notebooks"] == ["0", "6"] and not seen["in_place"] and not seen["reference"]
+    assert seen["timeout"] == runner.DEFAULT_CELL_TIMEOUT_S
+    args = parser.parse_args(["--timeout", "90"])
+    runner.run_notebooks_cli(args)
+    assert seen["timeout"] == 90
 
 
 def test_finalize_notebook_removes_volatile_parts() -> None:
@@ -393,3 +397,79 @@ def test_has_frontend_respects_headless_variable(monkeypatch) -> None:
     assert has_frontend() is False
     monkeypatch.setenv(helpers.HEADLESS_ENV_VAR, "0")
     assert has_frontend() is False  # plain pytest process: no Jupyter kernel
+
+
+class _FakeKernel:
+    def __init__(self, content: dict | None) -> None:
+        self.parent = {"header": {"msg_type": "execute_request"}, "content": content or {}}
+
+    def get_parent(self, channel: str = "shell") -> dict:
+        assert channel == "shell"
+        return self.parent
+
+
+class _FakeShell:
+    def __init__(self, kernel: _FakeKernel | None) -> None:
+        self.kernel = kernel
+
+
+@pytest.mark.parametrize(
+    ("kernel", "expected"),
+    [
+        (_FakeKernel({"code": "x", "allow_stdin": True}), True),  # JupyterLab, VS Code
+        (_FakeKernel({"code": "x", "allow_stdin": False}), False),  # papermill, nbclient, nbval
+        (_FakeKernel({"code": "x"}), False),  # a client that says nothing
+        (None, False),  # IPython without a kernel (a terminal)
+    ],
+)
+def test_cell_from_frontend_reads_the_execute_request(monkeypatch, kernel, expected) -> None:
+    import IPython
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: _FakeShell(kernel))
+    monkeypatch.delenv(helpers.REFERENCE_ENV_VAR, raising=False)
+    monkeypatch.delenv(helpers.HEADLESS_ENV_VAR, raising=False)
+    assert helpers.cell_from_frontend() is expected
+    assert has_frontend() is expected
+    monkeypatch.setenv(helpers.HEADLESS_ENV_VAR, "1")  # forcing headless always wins
+    assert has_frontend() is False
+
+
+def test_cell_from_frontend_outside_a_kernel() -> None:
+    assert helpers.cell_from_frontend() is False  # pytest: no IPython shell at all
+
+
+def test_a_stuck_cell_fails_with_the_notebook_and_cell_named(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("import time\n\ntime.sleep(120)  # stuck"),
+        nbformat.v4.new_code_cell("print('never')"),
+    ]
+    path = tmp_path / "98_stuck.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(runner.NotebookError) as info:
+        runner.run_notebooks(output_dir=tmp_path / "out", notebooks=[str(path)], timeout=3)
+    message = str(info.value)
+    assert message.startswith("98_stuck.ipynb: code cell 2 ('import time')"), message
+    assert "per-cell timeout of 3 s" in message and "--timeout" in message
+    assert (tmp_path / "out" / "98_stuck.failed.ipynb").is_file()
+    with pytest.raises(ConfigError, match="timeout=0"):
+        runner.run_notebooks(output_dir=tmp_path / "out", notebooks=[str(path)], timeout=0)
+
+
+def test_a_bad_parameter_stops_the_notebook_with_one_message(tmp_path: Path) -> None:
+    """The real notebook 00 under papermill with ``-p n_train 0``: its check cell fails."""
+    with pytest.raises(runner.NotebookError) as info:
+        runner.run_notebooks(
+            output_dir=tmp_path, parameters={"n_train": 0, "device": "gpu"}, notebooks=["00"],
+            timeout=120,
+        )  # fmt: skip
+    message = str(info.value)
+    assert message.startswith(
+        "00_quickstart.ipynb: code cell 3 ('from winclip_nb.nb.params import check_parameters') "
+        "failed: ConfigError: bad parameters for notebook 00_quickstart: "
+    ), message
+    assert "n_train=0 must be an integer >= 1" in message
+    assert "device='gpu' must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in message
+    failed = nbformat.read(tmp_path / "00_quickstart.failed.ipynb", as_version=4)
+    assert not any("load_mvtec_class(" in c.source and c.get("outputs") for c in failed.cells)

@@ -26,6 +26,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from winclip_nb import cli
@@ -329,6 +330,122 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         atomic_write(target, "{}")
     assert list((tmp_path / "classes").iterdir()) == []
+
+
+# --------------------------------------------------------------------------- a full disk
+class TinyDisk:
+    """A folder on a filesystem of ``size`` bytes: a real tmpfs when this process may mount
+    one (root on Linux), else the same limit simulated in :func:`atomic_write` (every
+    file the package writes goes through it). ``grow()`` gives it room."""
+
+    def __init__(self, folder: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        import errno
+
+        from winclip_nb.data import files
+
+        self.folder, self.real = folder, False
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.name == "posix" and hasattr(os, "geteuid") and os.geteuid() == 0:
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+            self.real = subprocess.run(mount, capture_output=True).returncode == 0
+        if self.real:
+            return
+        self.budget: float = size
+        real_open = open
+
+        def limited_open(path, mode="r", *args, **kwargs):
+            handle = real_open(path, mode, *args, **kwargs)
+            if "w" not in mode or folder not in Path(path).parents:
+                return handle
+            write = handle.write
+
+            def counted(data):
+                self.budget -= len(data)
+                if self.budget < 0:
+                    raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+                return write(data)
+
+            handle.write = counted
+            return handle
+
+        monkeypatch.setattr(files, "open", limited_open, raising=False)
+
+    def grow(self) -> None:
+        if self.real:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(self.folder)], check=True)
+        else:
+            self.budget = float("inf")
+
+    def close(self) -> None:
+        if self.real:
+            subprocess.run(["umount", "-l", str(self.folder)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path, monkeypatch):
+    disk = TinyDisk(tmp_path / "disk", 12 * 1024, monkeypatch)
+    yield disk
+    disk.close()
+
+
+def all_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(
+    root, uninterrupted, tiny_disk
+):
+    out = tiny_disk.folder / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(bench_args(root, out))
+    lines = stderr.getvalue().strip().splitlines()
+    assert code == 2, stdout.getvalue() + stderr.getvalue()
+    assert len(lines) == 1 and lines[0].startswith(f"winclip-nb: error: cannot write {out}/"), lines
+    assert lines[0].endswith(": no space left on the device"), lines
+    assert "Traceback" not in stdout.getvalue() + stderr.getvalue()
+    assert leftovers(out) == [] and not [p for p in all_files(out) if p.name.endswith(".tmp")]
+    finished = sorted(p.stem for p in (out / "classes").glob("*.json"))
+    for path in (out / "classes").glob("*.json"):
+        assert "image_auroc" in read_json(path)["result"]  # whole files only: a resume trusts them
+    assert len(finished) < len(CLASSES)
+
+    tiny_disk.grow()
+    run_cli(bench_args(root, out))  # the same command, with room: resumes and finishes
+    resumed = read_json(out / "results.json")
+    assert sorted(resumed["classes"]) == sorted(CLASSES)
+    for name in CLASSES:
+        assert without_timing(resumed["classes"][name]) == without_timing(
+            uninterrupted["classes"][name]
+        )
+
+
+def test_full_disk_errors_for_figures_and_reports(tiny_disk):
+    from matplotlib.figure import Figure
+
+    from winclip_nb import StorageError
+    from winclip_nb.nb.figures import save_figure
+
+    kept = atomic_write(tiny_disk.folder / "kept.json", '{"ok": true}')
+    with pytest.raises(StorageError, match=r"cannot write .*big\.bin: no space left on the device"):
+        atomic_write(tiny_disk.folder / "big.bin", b"x" * 64 * 1024)
+    fig = Figure(figsize=(16, 16))
+    fig.add_subplot().imshow(np.random.default_rng(0).random((256, 256)))
+    with pytest.raises(StorageError, match=r"cannot write .*heat\.png"):
+        save_figure(fig, tiny_disk.folder / "figs" / "heat.png", dpi=100)
+    with pytest.raises(StorageError, match=r"cannot write .*kept\.json"):  # no half-replaced file
+        atomic_write(kept, "x" * 64 * 1024)
+    assert read_json(kept) == {"ok": True}
+    assert [p.name for p in all_files(tiny_disk.folder)] == ["kept.json"]
+
+
+def test_a_read_only_folder_is_a_storage_error(tmp_path):
+    from winclip_nb import StorageError
+    from winclip_nb.data.files import storage_error
+
+    error = storage_error(tmp_path / "a.json", PermissionError(13, "Permission denied"))
+    assert isinstance(error, StorageError) and isinstance(error, OSError)
+    assert str(error) == f"cannot write {tmp_path / 'a.json'}: permission denied"
 
 
 # --------------------------------------------------------- a folder of the previous version

@@ -38,6 +38,7 @@ _PUBLIC = {
             "DeviceError",
             "MemoryBankError",
             "ExplainerError",
+            "StorageError",
         ),
         "core.errors",
     ),

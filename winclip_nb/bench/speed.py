@@ -53,6 +53,7 @@ import torch
 from ..core.anchors import TextAnchors
 from ..core.config import WinCLIPConfig, check_fields, number, setting
 from ..core.errors import WinCLIPError
+from ..data.files import atomic_write
 from ..options import add_config_arguments, config_changes
 
 #: An object class, so the foreground mask (OpenCV) is part of the timed path.
@@ -517,9 +518,7 @@ def run_speed_cli(args: argparse.Namespace) -> int:
 
 def write_json(path: str | os.PathLike, result: dict[str, Any]) -> Path:
     """Write a speed result as indented JSON (folders created) and say where."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = atomic_write(path, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
 

@@ -38,3 +38,8 @@ class MemoryBankError(WinCLIPError):
 
 class ExplainerError(WinCLIPError):
     """The language-model explainer failed to load or to run."""
+
+
+class StorageError(WinCLIPError, OSError):
+    """A file cannot be written: no space left, no permission, a read-only disk
+    (names the path; nothing half-written is left behind)."""

@@ -8,12 +8,15 @@ reports) goes through :func:`atomic_write`: a temporary file next to the target,
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..core.errors import StorageError
 
 _WINDOWS_RESERVED = frozenset(
     ["CON", "PRN", "AUX", "NUL"] + [f"{port}{i}" for port in ("COM", "LPT") for i in range(1, 10)]
@@ -51,29 +54,64 @@ _TEMP_NAME = re.compile(
 )
 
 
+#: Why a write failed, in words, by ``errno`` (anything else: the system's own message).
+_WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+def storage_error(path: str | os.PathLike, exc: OSError) -> StorageError:
+    """A :class:`StorageError` naming ``path`` and why writing it failed.
+
+    >>> str(storage_error("out/a.json", OSError(errno.ENOSPC, "No space left on device")))
+    'cannot write out/a.json: no space left on the device'
+    """
+    reason = _WRITE_FAILURES.get(exc.errno or 0) or exc.strerror or str(exc)
+    error = StorageError(f"cannot write {path}: {reason}")
+    error.errno = exc.errno
+    return error
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents); :class:`StorageError` if it cannot be."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+    return path
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through a temporary file next to it and ``os.replace``.
 
     The temporary name carries the host, the process id and a random token, so
     concurrent writers (threads, processes, machines sharing the folder) never write
-    into the same temporary file. A failed write removes its temporary file; one left by
-    a killed process is removed by :func:`remove_stale_temps`. Folders are created.
+    into the same temporary file. A failed write removes its temporary file and raises
+    :class:`StorageError` naming ``path`` (full disk, no permission, read-only disk), so
+    the target is either the old file, or absent, or complete. A temporary file left
+    by a killed process is removed by :func:`remove_stale_temps`. Folders are created.
 
     >>> import tempfile; folder = Path(tempfile.mkdtemp())
     >>> atomic_write(folder / "a.txt", "hello").read_text()
     'hello'
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    ensure_folder(path.parent)
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(path, exc) from exc
         raise
     return path
 
@@ -119,13 +157,17 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     does not exist (Windows) it does not lock.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(path, "a", encoding="utf-8") as handle:
+    try:
+        handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+    with handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield

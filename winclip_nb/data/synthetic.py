@@ -31,7 +31,7 @@ from .datasets import (
     VISA_NORMAL,
     VISA_SPLIT_FILE,
 )
-from .files import atomic_write, file_lock
+from .files import atomic_write, ensure_folder, file_lock
 from .render import (
     DEFAULT_SYNTHETIC_IMAGE_SIZE,
     MIN_SYNTHETIC_IMAGE_SIZE,
@@ -225,7 +225,7 @@ def make_synthetic_mvtec(
     plan = _synthetic_plan(settings)
     if _synthetic_set_complete(base, settings, plan):
         return base
-    base.mkdir(parents=True, exist_ok=True)
+    ensure_folder(base)
     with _generation_lock(base):
         if _synthetic_set_complete(base, settings, plan):  # another process just made it
             return base
@@ -359,7 +359,7 @@ def make_synthetic_visa(
 
     if complete():
         return base
-    base.mkdir(parents=True, exist_ok=True)
+    ensure_folder(base)
     with _generation_lock(base):
         if complete():  # another process just made it
             return base

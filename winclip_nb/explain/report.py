@@ -22,7 +22,7 @@ import numpy as np
 from ..core.config import DEFAULTS
 from ..core.errors import ConfigError, DataError
 from ..core.results import RANDOM_WEIGHTS_BANNER, DetectionResult
-from ..data.files import safe_name
+from ..data.files import atomic_write, ensure_folder, safe_name
 from ..data.images import list_images
 from .llava import DEFAULT_LLAVA_MODEL, LlavaExplainer, load_explainer
 from .rules import RULE_BASED_NAME, RuleBasedExplainer, _as_rgb, max_severity
@@ -173,7 +173,7 @@ def write_report_files(
     from ..nb.figures import draw_boxes, overlay_heatmap, random_weights_banner, save_figure
 
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     name = free_stem(folder, _sanitise(name), str(report.get("image", "")))
     paths = {
         kind: _inside(folder, folder / f"{name}_{suffix}")
@@ -211,8 +211,8 @@ def write_report_files(
     save_figure(fig, paths["boxes"])
 
     report["paths"] = {k: str(v) for k, v in paths.items()}
-    paths["report_txt"].write_text(report["explanation"], encoding="utf-8")
-    paths["report_json"].write_text(json.dumps(report, indent=2), encoding="utf-8")
+    atomic_write(paths["report_txt"], report["explanation"])
+    atomic_write(paths["report_json"], json.dumps(report, indent=2))
     return report["paths"]
 
 

@@ -13,6 +13,7 @@ touches pyplot's global state or backend::
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,11 +225,16 @@ def random_weights_banner(fig: Figure, text: str = RANDOM_WEIGHTS_BANNER) -> Tex
 def save_figure(fig: Figure, path: str | Path, dpi: int = DEFAULT_DPI, close: bool = False) -> Path:
     """Save ``fig`` as PNG (or any suffix matplotlib knows) to ``path``; return the path.
 
-    Parent folders are created. ``close=True`` also releases a pyplot-managed figure.
+    Parent folders are created; the file is written whole or not at all
+    (:func:`~winclip_nb.data.files.atomic_write`, a full disk raises ``StorageError``).
+    ``close=True`` also releases a pyplot-managed figure.
     """
+    from ..data.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    atomic_write(path, buffer.getvalue())
     if close:
         import matplotlib.pyplot as plt
 

@@ -66,13 +66,41 @@ def headless() -> bool:
     return reference_mode() or _env_flag(HEADLESS_ENV_VAR)
 
 
+def cell_from_frontend() -> bool:
+    """True when the cell running now was sent by a frontend a person can use.
+
+    The rule: the kernel's current ``execute_request`` allows input (``allow_stdin``).
+    Frontends that show widgets (JupyterLab, Notebook 7, VS Code) send ``allow_stdin:
+    true`` with each cell, because a cell may call ``input()``; headless clients
+    (papermill, nbclient, ``jupyter nbconvert --execute``, nbval) send ``false``, since
+    nobody could answer. It needs no environment variable and no process names.
+
+    Limits: a frontend that sends ``allow_stdin: false`` (some consoles) counts as
+    headless, and a headless client that allows input counts as a frontend; outside an
+    IPython kernel (a plain script or doctest) this is False. The notebooks' explicit
+    ``interactive`` parameter overrides the rule either way.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None:
+        return False
+    get_parent = getattr(kernel, "get_parent", None)
+    parent = get_parent("shell") if callable(get_parent) else getattr(kernel, "_parent", None)
+    content = (parent or {}).get("content") or {}
+    return bool(content.get("allow_stdin", False))
+
+
 def work_dir(name: str) -> Path:
     """A folder for a notebook's output files in the package cache (created):
     ``$WINCLIP_NB_CACHE/notebooks/<name>``, else ``~/.cache/winclip_nb/notebooks/<name>``."""
+    from ..data.files import ensure_folder
     from ..data.synthetic import cache_dir
 
     folder = cache_dir() / "notebooks" / name
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     return folder
 
 

@@ -23,7 +23,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,32 @@ def names(optional: bool = True) -> Check:
     return check
 
 
+def count(minimum: int, optional: bool = False) -> Check:
+    """A whole number (an ``int``, not ``6.0``) >= ``minimum`` (or None with ``optional``)."""
+
+    def check(value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        return None if ok else f"an integer >= {minimum}" + (" or None" if optional else "")
+
+    return check
+
+
+def int_list(minimum: int) -> Check:
+    """A list (or tuple) of distinct integers >= ``minimum``."""
+
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+        if ok and distinct_ints(minimum)(value) is None:
+            return None
+        return f"a list of distinct integers >= {minimum} (lists go with -y: -y NAME '[9, 10]')"
+
+    return check
+
+
 def grid_cell(value: Any) -> str | None:
     ok = value is None or (
         isinstance(value, (list, tuple)) and len(value) == 2
@@ -131,42 +157,42 @@ COMMON: dict[str, Check] = {
     "class_name": text(),
     "weights": weights,
     "device": device,
-    "seed": number(0, integer=True),
+    "seed": count(0),
 }
 #: Each notebook's parameters and their checks (the names must match its parameters cell).
 PARAMETERS: dict[str, dict[str, Check]] = {
-    "00_quickstart": {**COMMON, "n_train": number(1, integer=True), "defect": text(),
+    "00_quickstart": {**COMMON, "n_train": count(1), "defect": text(),
                       "out_dir": folder(must_exist=False)},
-    "01_token_extraction": {**COMMON, "layers": distinct_ints(0),
-                            "n_per_defect": number(1, integer=True), "query_patch": grid_cell},
-    "02_text_anchors": {**COMMON, "n_good": number(1, integer=True),
-                        "n_per_defect": number(1, integer=True),
+    "01_token_extraction": {**COMMON, "layers": int_list(0),
+                            "n_per_defect": count(1), "query_patch": grid_cell},
+    "02_text_anchors": {**COMMON, "n_good": count(1),
+                        "n_per_defect": count(1),
                         "defect_coverage": number(0, 1, open_low=True)},
-    "03_coreset_memory": {**COMMON, "n_train": number(1, integer=True),
+    "03_coreset_memory": {**COMMON, "n_train": count(1),
                           "coreset_ratio": number(0, 1, open_low=True),
                           "ratios": numbers(1e-9, 1)},
     "04_fusion_foreground_mad": {
-        **COMMON, "n_train": number(1, integer=True), "defect": text(),
+        **COMMON, "n_train": count(1), "defect": text(),
         "text_weight": number(0), "nn_weight": number(0), "sigma": number(0),
         "threshold": number(), "normalization": one_of(NORMALIZATION_MODES),
         "fg_threshold": number(0, 1), "interactive": boolean(optional=True),
     },
     "05_llava_explanations": {
-        **COMMON, "n_train": number(1, integer=True), "defect": text(),
-        "top_k": number(1, integer=True), "top_n": number(1, integer=True),
+        **COMMON, "n_train": count(1), "defect": text(),
+        "top_k": count(1), "top_n": count(1),
         "llava_model": text(), "llava_device": device, "out_dir": folder(must_exist=False),
     },
     "06_mvtec_benchmark": {
         **{k: v for k, v in COMMON.items() if k != "class_name"},
         "classes": names(), "small_classes": names(optional=False), "k_shot": k_shot(),
-        "max_images": number(1, integer=True), "small_max_images": number(1, integer=True),
-        "image_size": number(32, integer=True), "save_examples": number(0, integer=True),
+        "max_images": count(1), "small_max_images": count(1),
+        "image_size": count(32), "save_examples": count(0),
         "out_dir": folder(must_exist=False), "force": boolean(),
     },
     "07_winclip_windows": {
-        **COMMON, "tokens_weights": weights, "image_size": number(32, integer=True, optional=True),
-        "window_scales": distinct_ints(1), "k_shot": k_shot(allow_full=False),
-        "n_test": number(1, integer=True), "speed_repeats": number(1, integer=True),
+        **COMMON, "tokens_weights": weights, "image_size": count(32, optional=True),
+        "window_scales": int_list(1), "k_shot": k_shot(allow_full=False),
+        "n_test": count(1), "speed_repeats": count(1),
     },
 }  # fmt: skip
 #: Defaults of notebook 00 (for the example above and the tests).
@@ -174,8 +200,8 @@ DEFAULTS_00 = {"data_root": None, "class_name": "disc", "weights": "auto", "devi
                "n_train": 6, "defect": "hole", "out_dir": None, "seed": 0}  # fmt: skip
 
 
-def check_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a notebook's parameters (``values``: e.g. ``globals()``); return them.
+def check_parameters(notebook: str, values: Mapping[str, Any]) -> None:
+    """Check a notebook's parameters (``values``: e.g. ``globals()``).
 
     Raises :class:`ConfigError` listing every bad one: name, value, what it accepts.
     """
@@ -183,18 +209,35 @@ def check_parameters(notebook: str, values: Mapping[str, Any]) -> dict[str, Any]
     if spec is None:
         known = ", ".join(sorted(PARAMETERS))
         raise ConfigError(f"no parameter checks for notebook {notebook!r}; known: {known}")
-    problems, checked = [], {}
+    problems = []
     for name, check in spec.items():
         if name not in values:
             problems.append(f"{name} is missing")
             continue
-        checked[name] = values[name]
-        problem = check(values[name])
+        try:
+            problem = check(values[name])
+        except (TypeError, ValueError):
+            problem = (check.__doc__ or "another value").strip().rstrip(".")
         if problem:
             problems.append(f"{name}={values[name]!r} must be {problem}")
     if problems:
         raise ConfigError(f"bad parameters for notebook {notebook}: " + "; ".join(problems))
-    return checked
+
+
+def known_names(name: str, chosen: Sequence[str], available: Sequence[str]) -> list[str]:
+    """``chosen`` if every one is in ``available``, else a :class:`ConfigError` naming the
+    parameter, the unknown names and the available ones.
+
+    >>> known_names("classes", ["disc"], ["disc", "weave"])
+    ['disc']
+    """
+    unknown = [c for c in chosen if c not in available]
+    if unknown:
+        raise ConfigError(
+            f"{name}={list(chosen)!r}: {', '.join(map(repr, unknown))} not in this dataset; "
+            f"available: {', '.join(available)}"
+        )
+    return list(chosen)
 
 
 def pick_sample(data: Any, defect: str, default: str, log: Callable[[str], None] = print) -> Any:

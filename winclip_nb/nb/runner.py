@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError, WinCLIPError
 from .helpers import HEADLESS_ENV_VAR, REFERENCE_CPU_KERNELS, REFERENCE_ENV_VAR
 
 #: Notebook files of the series: two digits, underscore, name.
@@ -29,6 +29,14 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 DEFAULT_RUN_DIR = "executed_notebooks"
 
 DEFAULT_KERNEL = "python3"
+
+#: Seconds one cell may run before the notebook fails (``--timeout``). Generous: notebook
+#: 06 on the full MVTec-AD runs the whole benchmark in one cell.
+DEFAULT_CELL_TIMEOUT_S = 3600
+
+
+class NotebookError(WinCLIPError):
+    """A notebook failed or a cell ran over its timeout (names the notebook and cell)."""
 
 #: Notebook metadata key holding the source hash and run settings.
 METADATA_KEY = "winclip_nb"
@@ -63,6 +71,63 @@ def source_hash(package_dir: str | os.PathLike | None = None) -> str:
 
 
 # ------------------------------------------------------------------ headless runs
+def _running_cell(cells: Sequence[Any]) -> int | None:
+    """Index of the cell a run stopped in: the one papermill marks as running, else the
+    last one it started (a timed-out cell is interrupted and marked completed)."""
+    started = None
+    for index, cell in enumerate(cells):
+        meta = cell.get("metadata", {}).get("papermill", {})
+        if meta.get("status") == "running":
+            return index
+        if meta.get("start_time"):
+            started = index
+    return started
+
+
+def _failed_cell(nb: Any) -> str:
+    """``code cell 3 ('from ...')``: where an executed notebook stopped, counted among the
+    notebook's own code cells (papermill's injected parameters left out), with its first
+    line. The cell with an unexpected error output, else the cell that was running."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in _tags(c)]
+    index = next(
+        (
+            i for i, c in enumerate(cells)
+            if "raises-exception" not in _tags(c)
+            and any(o.get("output_type") == "error" for o in c.get("outputs", []))
+        ),
+        None,
+    )  # fmt: skip
+    if index is None:
+        index = _running_cell(cells)
+    if index is None:
+        return "a cell"
+    first = next((line for line in cells[index].source.splitlines() if line.strip()), "")
+    first = first if len(first) <= 60 else first[:57] + "..."
+    return f"code cell {index + 1} ({first!r})"
+
+
+def notebook_error(
+    name: str, exc: BaseException, executed: Path | None, timeout: float
+) -> NotebookError:
+    """One :class:`NotebookError` for a failed papermill run: which notebook, which cell,
+    and why (the cell's exception, or the per-cell timeout)."""
+    import nbformat
+
+    where = "a cell"
+    if executed is not None and executed.is_file():
+        with contextlib.suppress(Exception):
+            where = _failed_cell(nbformat.read(executed, as_version=4))
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc).lower():
+        return NotebookError(
+            f"{name}: {where} ran longer than the per-cell timeout of {timeout:g} s "
+            "(raise it with --timeout)"
+        )
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    reason = f"{ename}: {evalue}" if ename else f"{type(exc).__name__}: {exc}"
+    return NotebookError(f"{name}: {where} failed: {' '.join(str(reason).split())}")
+
+
+
 def notebooks_dir() -> Path:
     """The ``notebooks/`` folder of the source checkout the package was installed from."""
     folder = Path(__file__).resolve().parents[2] / "notebooks"
@@ -179,6 +244,7 @@ def run_notebooks(
     in_place: bool = False,
     reference: bool = False,
     kernel_name: str | None = None,
+    timeout: float = DEFAULT_CELL_TIMEOUT_S,
 ) -> list[tuple[Path, float]]:
     """Execute notebooks in order with papermill; print and return ``(path, seconds)``.
 
@@ -191,11 +257,12 @@ def run_notebooks(
         in_place: overwrite the source notebooks (only after a successful run).
         reference: set ``WINCLIP_NB_REFERENCE=1`` for the kernels (deterministic outputs).
         kernel_name: Jupyter kernel (default ``python3`` of the current environment).
+        timeout: seconds one cell may run (papermill's ``execution_timeout``).
 
     Returns:
-        ``[(written notebook path, seconds), ...]``. A failing notebook raises
-        papermill's ``PapermillExecutionError``; its partial output is kept in
-        ``output_dir`` (not written over the source in-place).
+        ``[(written notebook path, seconds), ...]``. A failing notebook, or a cell over
+        ``timeout``, raises :class:`NotebookError` naming the notebook and the cell; its
+        partial output is kept in ``output_dir`` (never written over the source).
     """
     import nbformat
     import papermill
@@ -207,6 +274,8 @@ def run_notebooks(
         )
     if in_place and output_dir is not None:
         raise ConfigError("give either in_place=True or an output_dir, not both")
+    if not timeout or timeout <= 0:
+        raise ConfigError(f"timeout={timeout!r} must be a number of seconds > 0")
     paths = select_notebooks(notebooks)
     out_dir = None if in_place else Path(output_dir or DEFAULT_RUN_DIR)
     if out_dir is not None:
@@ -230,15 +299,17 @@ def run_notebooks(
                     cwd=str(path.parent),
                     progress_bar=False,
                     log_output=False,
+                    execution_timeout=timeout,
                 )
-            except Exception:
+            except Exception as exc:
+                error = notebook_error(path.name, exc, executed, timeout)
                 failed_dir = out_dir or Path(DEFAULT_RUN_DIR)
                 failed_copy = failed_dir / f"{path.stem}.failed.ipynb"
                 if executed.is_file():
                     failed_dir.mkdir(parents=True, exist_ok=True)
                     executed.replace(failed_copy)
                     print(f"{path.name}: FAILED, partial output in {failed_copy}", file=sys.stderr)
-                raise
+                raise error from exc
             seconds = time.perf_counter() - start
             if source_hash() != digest:
                 print(
@@ -277,7 +348,7 @@ def parse_parameter_value(text: str) -> Any:
 
 def add_run_notebooks_arguments(parser: argparse.ArgumentParser) -> None:
     """``winclip-nb run-notebooks [--output-dir DIR] [-p NAME VALUE ...] [--in-place]
-    [--reference] [--only NN ...] [--kernel NAME]``."""
+    [--reference] [--only NN ...] [--kernel NAME] [--timeout S]``."""
     parser.add_argument(
         "--output-dir", default=None, help=f"folder for executed copies (default {DEFAULT_RUN_DIR})"
     )
@@ -304,6 +375,14 @@ def add_run_notebooks_arguments(parser: argparse.ArgumentParser) -> None:
         "--only", nargs="+", default=None, metavar="NN", help="run only these notebooks (numbers)"
     )
     parser.add_argument("--kernel", default=None, help=f"Jupyter kernel (default {DEFAULT_KERNEL})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_CELL_TIMEOUT_S,
+        metavar="S",
+        help="seconds one cell may run before the notebook fails "
+        f"(default {DEFAULT_CELL_TIMEOUT_S})",
+    )
 
 
 def run_notebooks_cli(args: argparse.Namespace) -> int:
@@ -316,5 +395,6 @@ def run_notebooks_cli(args: argparse.Namespace) -> int:
         in_place=args.in_place,
         reference=args.reference,
         kernel_name=args.kernel,
+        timeout=args.timeout,
     )
     return 0

@@ -34,7 +34,7 @@ from ..core.detector import FittedClass
 from ..core.errors import ConfigError
 from ..core.maps import find_hotspots
 from ..core.results import Hotspot
-from .helpers import headless
+from .helpers import cell_from_frontend, headless
 
 #: Slider ranges: (min, max, step).
 SIGMA_RANGE = (0.0, 16.0, 0.5)
@@ -56,15 +56,11 @@ CONTROLS = {
 
 
 def has_frontend() -> bool:
-    """True inside a Jupyter kernel that is not run headless (papermill, nbval, reference)."""
-    if headless():
-        return False
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+    """True when live widgets can be used: not headless (reference mode,
+    ``WINCLIP_NB_HEADLESS=1``) and the running cell came from a frontend a person uses
+    (:func:`~winclip_nb.nb.helpers.cell_from_frontend`; False under papermill, nbclient,
+    nbconvert and nbval, which would otherwise risk hanging on widget messages)."""
+    return not headless() and cell_from_frontend()
 
 
 @dataclass
