@@ -36,7 +36,7 @@ install-dev: $(DEV_STAMP)
 ## make test: unit tests, the doctests of winclip_nb/core, the executed notebooks (nbval)
 ## and the browser test, offline (-rs lists skipped tests with their reason)
 test: $(DEV_STAMP)
-	$(TEST_ENV) $(PY) -m pytest tests notebooks winclip_nb/core --doctest-modules --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rs -m "not headless"
+	$(TEST_ENV) $(PY) -m pytest tests notebooks winclip_nb/core winclip_nb/nb/exercises --doctest-modules --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider -rs -m "not headless"
 
 ## make test-headless: every notebook under plain papermill (no WINCLIP_NB_* variables),
 ## the CPU loaded, notebook 04's widget explorer 5 times; a hang fails (tests/test_headless.py)

@@ -459,8 +459,7 @@ def section_windows(sizes: dict[str, Any], device: torch.device, tmp: Path) -> d
     try:
         from winclip_nb.bench.parity import load_anomalib_winclip
 
-        anomalib_model = load_anomalib_winclip(windows)
-        anomalib_model._text_embeddings = torch.stack(anchors).float()  # noqa: SLF001
+        anomalib_model = load_anomalib_winclip(windows, anchors=torch.stack(anchors))
         with torch.inference_mode():
             ref_pixels = windows.backbone.to_pixels(np.stack([windows.prepare(reference[0])[0]]))
             anomalib_model.setup(reference_images=ref_pixels.float())

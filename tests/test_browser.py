@@ -363,6 +363,10 @@ def test_quickstart_runs_in_jupyterlab(page, lab, screenshot_dir):
     text = json.dumps([cell["outputs"] for cell in cells])
     assert "image/png" in text, "00_quickstart: no figure in the outputs"
     assert page.locator(".jp-OutputArea-output img").count() >= 1
+    # The pipeline diagram (a Mermaid block in markdown) renders as a drawing, not as code.
+    diagram = page.locator(".jp-RenderedMermaid").first
+    diagram.wait_for(state="attached", timeout=60_000)
+    assert diagram.locator("svg, img").count() >= 1, diagram.inner_html()[:500]
 
 
 EXPLORER = ".jp-OutputArea-output .widget-vbox"

@@ -693,3 +693,23 @@ def test_cli_arguments_and_run(tmp_path, monkeypatch, capsys):
     assert "unit.png [disc]: score 9.00, 1 region, max severity high -> REJECT" in out.out
     assert str(tmp_path / "out") in out.out and "RANDOM WEIGHTS" in out.err
     assert (tmp_path / "out" / "unit_report.json").is_file()
+
+
+def test_a_ring_shaped_hotspot_around_a_dark_hole_is_described_by_the_hole():
+    """The donut of notebook 04: a hole's dark centre scores below the threshold and the
+    hotspot is a ring around it. The ring's enclosed hole belongs to the region, so a black
+    hole is "darker" and "high-contrast", not a low-contrast mark (the ring alone is the
+    same grey as its surroundings)."""
+    size = 96
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - 48, xx - 48)
+    image = np.full((size, size, 3), 170, np.uint8)
+    image[radius < 8] = 10  # the black hole
+    anomaly_map = np.where((radius >= 6) & (radius < 14), 6.0, 0.5).astype(np.float32)
+    box = (34, 34, 62, 62)
+    look = region_appearance(image, anomaly_map, box, None, threshold=3.0)
+    assert look["tone"] == "darker" and look["contrast_word"] == "high-contrast", look
+    ring_only = anomaly_map.copy()
+    image_without_hole = np.full_like(image, 170)
+    look = region_appearance(image_without_hole, ring_only, box, None, threshold=3.0)
+    assert look["tone"] == "similar"  # same ring, nothing dark inside: no brightness change

@@ -36,7 +36,7 @@ README_PARAMETERS = {
     "00_quickstart": ["-p", "defect", "hole", "-p", "n_train", "6"],
     "01_token_extraction": ["-y", "layers: [6, 9, 11]"],
     "04_fusion_foreground_mad": ["-p", "sigma", "6.0"],
-    "07_winclip_windows": ["-p", "image_size", "112"],
+    "08_winclip_plus": ["-p", "image_size", "112"],
 }
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 

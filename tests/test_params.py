@@ -54,6 +54,7 @@ BAD = {
     "small_classes": (None, "a list of names"),
     "k_shot": (-1, "an integer >= 0"),
     "force": ("no", "True or False"),
+    "solutions": ("yes", "True or False"),
 }
 
 

@@ -494,6 +494,23 @@ def test_anomalib_without_adapter_collapses_windows(parity) -> None:
     assert float(fixed[0].std(dim=0).mean()) > 1e-3
 
 
+def test_anomalib_on_our_anchors(parity) -> None:
+    """``anchors=`` gives anomalib our two text anchors instead of its own prompts: its
+    zero-shot scores then equal ours computed from the same anchors (as the speed scripts
+    and notebook 08 use it)."""
+    ours, normal, anomalous = parity["ours"], *parity["anchors"]
+    text = torch.stack([normal, anomalous])
+    theirs = load_anomalib_winclip(ours, anchors=text)
+    assert torch.equal(theirs._text_embeddings, text.float())
+    with torch.inference_mode():
+        result = theirs(parity["pixels"])
+    zero_theirs = parity["zero"][1]  # anomalib's own prompts (= our ensemble, tested above)
+    assert _max_diff(result.pred_score, zero_theirs.pred_score) <= 1e-4
+    assert _max_diff(result.anomaly_map, zero_theirs.anomaly_map) <= 1e-4
+    with pytest.raises(ConfigError, match="either class_name"):
+        load_anomalib_winclip(ours, "disc", anchors=text)
+
+
 def _flat_scene(top: int, left: int) -> np.ndarray:
     """A dark, screw-like bar on a flat grey background (240 x 240 RGB)."""
     image = np.full((240, 240, 3), 128, np.uint8)

@@ -173,11 +173,10 @@ def _add_anomalib(
         return
     try:
         say("building anomalib 2.7 WinClipModel on the windows model's weights ...")
-        model = load_anomalib_winclip(windows)
+        model = load_anomalib_winclip(windows, anchors=fitted.anchors.stacked())
     except ConfigError as exc:
         notes.append(f"anomalib: not measured ({exc})")
         return
-    model._text_embeddings = fitted.anchors.stacked()  # noqa: SLF001
     to_pixels = windows.backbone.to_pixels
     with torch.inference_mode():
         model.setup(reference_images=to_pixels(windows.prepare(reference)[0][None]).float())

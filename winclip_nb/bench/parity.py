@@ -65,7 +65,11 @@ def import_anomalib_winclip() -> Any:
 
 
 def load_anomalib_winclip(
-    winclip: Any, class_name: str | None = None, *, sequence_first: bool = True
+    winclip: Any,
+    class_name: str | None = None,
+    *,
+    anchors: Any = None,
+    sequence_first: bool = True,
 ) -> Any:
     """anomalib's ``WinClipModel`` holding the CLIP weights of a windows ``WinCLIP``.
 
@@ -75,6 +79,9 @@ def load_anomalib_winclip(
     Args:
         winclip: a :class:`~winclip_nb.detector.WinCLIP` with ``method="windows"``.
         class_name: if given, anomalib collects its text embeddings for it.
+        anchors: (2, D) normal and anomalous text anchors to use as anomalib's text
+            embeddings instead of its own prompts (e.g. ``fitted.anchors.stacked()``), so
+            both implementations score against the same anchors.
         sequence_first: wrap anomalib's window pass (see the module docstring).
     """
     torch_model = import_anomalib_winclip()
@@ -97,6 +104,10 @@ def load_anomalib_winclip(
         sequence_first_windows(model)
     if class_name is not None:
         model.setup(class_name)
+    if anchors is not None:
+        if class_name is not None:
+            raise ConfigError("give either class_name (anomalib's prompts) or anchors, not both")
+        model._text_embeddings = anchors.float().to(winclip.device)  # noqa: SLF001 - the one place
     return model
 
 

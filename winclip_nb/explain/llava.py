@@ -142,7 +142,26 @@ def parse_llava_answer(text: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _crop_with_margin(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
+def answer_summary(answer: str | None, limit: int = 60) -> str:
+    """How a model's answer reads in a report: its description, or ``unparsable answer
+    (N bytes)`` when :func:`parse_llava_answer` finds none (a random-weight model emits
+    random tokens, which are bytes, not words).
+
+    Example:
+        >>> answer_summary('{"description": "a dark hole", "severity": "high"}')
+        'a dark hole (severity high)'
+        >>> answer_summary("\x1d\x1d%%##")
+        'unparsable answer (6 bytes)'
+    """
+    description, severity = parse_llava_answer(answer or "")
+    if description is None and severity is None:
+        return f"unparsable answer ({len((answer or '').encode('utf-8'))} bytes)"
+    text = description or "(no description)"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text + (f" (severity {severity})" if severity else "")
+
+
+def crop_with_margin(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
     """Box plus ``max(CROP_MIN_MARGIN_PX, CROP_MARGIN_FRACTION * side)`` on each side, clipped."""
     height, width = image.shape[:2]
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -151,7 +170,7 @@ def _crop_with_margin(image: np.ndarray, box: Sequence[int]) -> np.ndarray:
     return image[max(0, y0 - my) : min(height, y1 + my), max(0, x0 - mx) : min(width, x1 + mx)]
 
 
-def _image_with_box(image: np.ndarray, box: Sequence[int]) -> Image.Image:
+def image_with_box(image: np.ndarray, box: Sequence[int]) -> Image.Image:
     """The whole image as PIL with ``box`` outlined in red."""
     pil = Image.fromarray(image)
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -326,8 +345,8 @@ class LlavaExplainer:
         ``description_source`` / ``severity_source``)."""
         rgb = _as_rgb(image)
         explanation = self.rule_based.explain_region(rgb, result, hotspot, class_name, threshold)
-        crop = Image.fromarray(np.ascontiguousarray(_crop_with_margin(rgb, hotspot.box)))
-        overview = _image_with_box(rgb, hotspot.box)
+        crop = Image.fromarray(np.ascontiguousarray(crop_with_margin(rgb, hotspot.box)))
+        overview = image_with_box(rgb, hotspot.box)
         prompt = LLAVA_PROMPT.format(class_name=_class_words(class_name))
         try:
             answer = self.ask([crop, overview], prompt)

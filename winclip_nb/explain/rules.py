@@ -18,6 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from scipy.ndimage import binary_fill_holes
 
 from ..core.config import DEFAULTS
 from ..core.results import DetectionResult, Hotspot
@@ -206,10 +207,14 @@ def _as_rgb(image: Any) -> np.ndarray:
 def _region_mask(
     anomaly_map: np.ndarray, fg_mask: np.ndarray | None, box: Sequence[int], threshold: float
 ) -> np.ndarray:
-    """(y1-y0, x1-x0) bool: the 8-connected component above ``threshold`` holding the box's peak.
+    """(y1-y0, x1-x0) bool: the 8-connected component above ``threshold`` holding the box's
+    peak, with the holes it encloses filled.
 
     Mirrors how hotspots are found (``map > threshold`` inside the foreground); falls back
-    to the whole box if nothing there exceeds the threshold.
+    to the whole box if nothing there exceeds the threshold. Enclosed holes belong to the
+    region: a dark hole in a part often scores *below* the threshold at its centre (it
+    matches background patches of the normal images), so the hotspot is a ring around it,
+    and describing the ring alone would call a black hole "low-contrast".
     """
     x0, y0, x1, y1 = (int(v) for v in box)
     values = np.asarray(anomaly_map[y0:y1, x0:x1], dtype=np.float32)
@@ -220,7 +225,7 @@ def _region_mask(
         return np.ones_like(values, dtype=bool)
     _, labels = cv2.connectedComponents(above.astype(np.uint8), connectivity=8)
     peak_label = labels.flat[int(np.argmax(np.where(above, values, -np.inf)))]
-    return labels == peak_label
+    return binary_fill_holes(labels == peak_label)
 
 
 def region_appearance(

@@ -162,42 +162,48 @@ COMMON: dict[str, Check] = {
 #: Each notebook's parameters and their checks (the names must match its parameters cell).
 PARAMETERS: dict[str, dict[str, Check]] = {
     "00_quickstart": {**COMMON, "n_train": count(1), "defect": text(),
-                      "out_dir": folder(must_exist=False)},
+                      "out_dir": folder(must_exist=False), "solutions": boolean()},
     "01_token_extraction": {**COMMON, "layers": int_list(0),
-                            "n_per_defect": count(1), "query_patch": grid_cell},
+                            "n_per_defect": count(1), "query_patch": grid_cell,
+                            "solutions": boolean()},
     "02_text_anchors": {**COMMON, "n_good": count(1),
                         "n_per_defect": count(1),
-                        "defect_coverage": number(0, 1, open_low=True)},
+                        "defect_coverage": number(0, 1, open_low=True),
+                        "solutions": boolean()},
     "03_coreset_memory": {**COMMON, "n_train": count(1),
                           "coreset_ratio": number(0, 1, open_low=True),
-                          "ratios": numbers(1e-9, 1)},
+                          "ratios": numbers(1e-9, 1), "solutions": boolean()},
     "04_fusion_foreground_mad": {
         **COMMON, "n_train": count(1), "defect": text(),
         "text_weight": number(0), "nn_weight": number(0), "sigma": number(0),
         "threshold": number(), "normalization": one_of(NORMALIZATION_MODES),
         "fg_threshold": number(0, 1), "interactive": boolean(optional=True),
+        "solutions": boolean(),
     },
     "05_llava_explanations": {
         **COMMON, "n_train": count(1), "defect": text(),
         "top_k": count(1), "top_n": count(1),
         "llava_model": text(), "llava_device": device, "out_dir": folder(must_exist=False),
+        "solutions": boolean(),
     },
     "06_mvtec_benchmark": {
         **{k: v for k, v in COMMON.items() if k != "class_name"},
         "classes": names(), "small_classes": names(optional=False), "k_shot": k_shot(),
         "max_images": count(1), "small_max_images": count(1),
         "image_size": count(32), "save_examples": count(0),
-        "out_dir": folder(must_exist=False), "force": boolean(),
+        "out_dir": folder(must_exist=False), "force": boolean(), "solutions": boolean(),
     },
-    "07_winclip_windows": {
+    "07_winclip_windows": {"window_scales": int_list(1), "seed": count(0), "solutions": boolean()},
+    "08_winclip_plus": {
         **COMMON, "tokens_weights": weights, "image_size": count(32, optional=True),
         "window_scales": int_list(1), "k_shot": k_shot(allow_full=False),
-        "n_test": count(1), "speed_repeats": count(1),
+        "n_test": count(1), "speed_repeats": count(1), "solutions": boolean(),
     },
 }  # fmt: skip
 #: Defaults of notebook 00 (for the example above and the tests).
 DEFAULTS_00 = {"data_root": None, "class_name": "disc", "weights": "auto", "device": "auto",
-               "n_train": 6, "defect": "hole", "out_dir": None, "seed": 0}  # fmt: skip
+               "n_train": 6, "defect": "hole", "out_dir": None, "solutions": False,
+               "seed": 0}  # fmt: skip
 
 
 def check_parameters(notebook: str, values: Mapping[str, Any]) -> None:
