@@ -38,6 +38,17 @@ import numpy as np
 ATOL, RTOL = 1e-4, 1e-3
 
 
+def as_array(values: Any) -> np.ndarray:
+    """``values`` (numbers, lists, numpy arrays or torch tensors) as a float64 numpy array.
+
+    >>> as_array([1, 2]).dtype
+    dtype('float64')
+    """
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 def close(answer: Any, expected: Any) -> bool:
     """Equal, or all-close for numbers and arrays of the same shape (tensors included).
 
@@ -46,11 +57,7 @@ def close(answer: Any, expected: Any) -> bool:
     """
     if isinstance(expected, (str, bool)) or expected is None:
         return bool(answer == expected)
-    if hasattr(answer, "detach"):
-        answer = answer.detach().cpu().numpy()
-    if hasattr(expected, "detach"):
-        expected = expected.detach().cpu().numpy()
-    a, e = np.asarray(answer, dtype=float), np.asarray(expected, dtype=float)
+    a, e = as_array(answer), as_array(expected)
     return a.shape == e.shape and bool(np.allclose(a, e, atol=ATOL, rtol=RTOL))
 
 
@@ -147,4 +154,6 @@ def _square(x: float) -> float:
 
 from . import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08  # noqa: E402,F401 - each notebook's exercises register on import
 
-__all__ = ["EXERCISES", "Exercise", "check", "close", "exercise", "is_correct", "solution"]
+__all__ = [
+    "EXERCISES", "Exercise", "as_array", "check", "close", "exercise", "is_correct", "solution",
+]  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import exercise
+from . import as_array, exercise
 
 
 def _sigmoid(x: float) -> float:
@@ -46,11 +46,6 @@ def _flattest_temperature(cos_normal: float, cos_anomalous: float,
     return float(min(temperatures, key=lambda t: abs(_sigmoid(gap / float(t)) - 0.5)))
 
 
-def _as_array(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=float)
-
 
 @exercise(
     "02.fraction_above_half",
@@ -63,4 +58,4 @@ def _as_array(values: Any) -> np.ndarray:
     "only a comparison with the masks (next section) says whether they are the defective ones.",
 )
 def _fraction_above_half(maps: Any) -> float:
-    return float((_as_array(maps) > 0.5).mean())
+    return float((as_array(maps) > 0.5).mean())

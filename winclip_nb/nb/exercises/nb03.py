@@ -6,18 +6,12 @@ from typing import Any
 
 import numpy as np
 
-from . import exercise
-
-
-def _as_array(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=np.float64)
+from . import as_array, exercise
 
 
 def _kcenter(points: Any, start: int, k: int) -> np.ndarray:
     """First ``k`` greedy k-center picks from ``start`` (Euclidean distances)."""
-    x = _as_array(points)
+    x = as_array(points)
     picks = [int(start)]
     min_dist = np.linalg.norm(x - x[int(start)], axis=1)
     while len(picks) < k:
@@ -56,7 +50,7 @@ def _third_pick(points: Any, start: int) -> np.ndarray:
     "and one lies exactly that far.",
 )
 def _coverage_radius(points: Any, kept: Any) -> float:
-    x = _as_array(points)
+    x = as_array(points)
     centres = x[np.asarray(kept, dtype=np.int64)]
     distances = np.linalg.norm(x[:, None, :] - centres[None, :, :], axis=-1)
     return float(distances.min(axis=1).max())
@@ -83,5 +77,5 @@ def _unit_example() -> dict[str, Any]:
     "(1 - cos) / 2 would pick the same row, only the number differs.",
 )
 def _nn_distance(query: Any, memory: Any) -> float:
-    cos = _as_array(memory) @ _as_array(query)
+    cos = as_array(memory) @ as_array(query)
     return float(np.sqrt(max(0.0, 2.0 - 2.0 * float(cos.max()))))

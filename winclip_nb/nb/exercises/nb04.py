@@ -5,15 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from ...core.maps import MAD_TO_SIGMA
-from . import exercise
-
-
-def _as_array(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=np.float64)
+from ...core.maps import robust_stats
+from . import as_array, exercise
 
 
 def _values_example() -> dict[str, Any]:
@@ -32,10 +27,8 @@ def _values_example() -> dict[str, Any]:
     "the few extreme values barely moved median and MAD.",
 )
 def _robust_z(values: Any, x: float) -> float:
-    v = _as_array(values).ravel()
-    median = np.median(v)
-    mad = np.median(np.abs(v - median))
-    return float((float(x) - median) / (MAD_TO_SIGMA * mad))
+    median, sigma = robust_stats(torch.from_numpy(as_array(values)))  # the package's statistics
+    return float((float(x) - median) / sigma)
 
 
 @exercise(
@@ -71,5 +64,5 @@ def _map_example() -> dict[str, Any]:
     "find_hotspots groups them into connected regions and drops tiny ones.",
 )
 def _hotspot_pixels(anomaly_map: Any, fg_mask: Any, threshold: float) -> int:
-    above = _as_array(anomaly_map) > float(threshold)
-    return int((above & _as_array(fg_mask).astype(bool)).sum())
+    above = as_array(anomaly_map) > float(threshold)
+    return int((above & as_array(fg_mask).astype(bool)).sum())

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
+from ...core.windows import combine_scores
 from . import exercise
 
 
@@ -29,4 +32,7 @@ def _tokens_per_image(grid: tuple[int, int], scales: Sequence[int]) -> int:
     explain=lambda v: f"{v:.3f}: the mean of the two maps (combine_scores).",
 )
 def _combined_score(zero_shot: float, few_shot: float) -> float:
-    return (zero_shot + few_shot) / 2
+    combined, _ = combine_scores(
+        torch.tensor([[[zero_shot]]]), torch.tensor([zero_shot]), torch.tensor([[[few_shot]]])
+    )
+    return float(combined)  # the package's combination
