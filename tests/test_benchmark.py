@@ -476,7 +476,7 @@ def test_benchmark_help_lists_the_options_of_both_configs(capsys):
     # Help texts and defaults come from the fields.
     sigma = r"--sigma SIGMA\s+Gaussian smoothing sigma in input pixels\s+\(default:\s+4\.0\)"
     assert re.search(sigma, text)
-    assert "{tokens,windows}" in text and "{mvtec,visa,folder}" in text
+    assert "{tokens,windows,anomalydino,musc}" in text and "{mvtec,visa,folder}" in text
 
 
 def _parse(*argv: str):

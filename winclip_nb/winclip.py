@@ -239,7 +239,8 @@ class WinCLIP(Detector):
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         fitted = fitted or self.fitted_for(normal_anchor, anomalous_anchor)
-        bs = batch_size or self.config.batch_size
+        # a method that scores sets (musc) sees every image at once
+        bs = len(images) if self.scorer.scores_sets else batch_size or self.config.batch_size
         results: list[DetectionResult] = []
         starts = range(0, len(images), bs)
         for start in _progress(starts, progress):
@@ -253,6 +254,18 @@ class WinCLIP(Detector):
             for i, (_, size) in enumerate(prepared):
                 results.append(self._to_result(out, i, size, threshold, top_k))
         return results[0] if single else results
+
+    def score_set(
+        self, images: Sequence[ImageInput], class_name: str | None = None, **kwargs: Any
+    ) -> list[DetectionResult]:
+        """Score unlabelled images together. A method that scores sets (``musc``) compares
+        each image with the others (at least ``scorer.min_set_images`` of them) and needs
+        no fitted class; any other method detects each image with :attr:`fitted`.
+        ``kwargs`` as :meth:`detect`."""
+        if not self.scorer.scores_sets:
+            return self.detect(list(images), **kwargs)
+        fitted = FittedClass(self.scorer.anchors(class_name))
+        return self.detect(list(images), fitted=fitted, **kwargs)
 
     def _to_result(
         self,
@@ -286,7 +299,7 @@ class WinCLIP(Detector):
             normalization=str(out["normalization"]),
             random_weights=self.random_weights,
             branch_maps=branches,
-            text_score=float(out["text_score"][i]),
+            text_score=None if out["text_score"] is None else float(out["text_score"][i]),
             method=self.method,
             extras=extras,
         )

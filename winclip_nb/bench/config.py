@@ -143,6 +143,15 @@ class BenchmarkConfig:
             )
         if checked.classes is not None and not checked.classes:
             raise ConfigError("classes must name at least one class (or be None for all)")
+        method = checked.model.method
+        needs = scorer_class(method).needs_references
+        if needs is not None and checked.zero_shot == needs:
+            raise ConfigError(
+                f"method {method!r} needs k_shot >= 1 (normal reference images), got 0"
+                if needs else
+                f"method {method!r} takes no normal images, so k_shot must be 0 (it scores "
+                f"each class's test images against each other), got {k_shot}"
+            )
         if checked.normalization == "calibrated" and not checked.can_calibrate:
             need = scorer_class(checked.model.method).min_calibration_images
             raise ConfigError(

@@ -111,7 +111,44 @@ def load_anomalib_winclip(
     return model
 
 
+def load_anomalib_anomalydino(detector: Any, references: Any) -> Any:
+    """anomalib's ``AnomalyDINOModel`` holding the DINOv2 weights of an ``anomalydino``
+    detector, fitted on the same ``references`` ((k, S, S, 3) uint8 or normalised pixels).
+
+    anomalib builds its encoder with pretrained weights; here it is built random (no
+    download) and then gets the detector's state dict. ``pca_mask`` maps to anomalib's
+    ``masking``; every patch is kept (no coreset), one nearest neighbour.
+    """
+    try:
+        from anomalib.models.image.anomaly_dino import torch_model
+    except ImportError as exc:
+        raise ConfigError(
+            f"anomalib is not installed ({exc}); install the optional extra: "
+            f'pip install -e ".[parity]" (anomalib=={ANOMALIB_VERSION})'
+        ) from exc
+    cfg = detector.config
+    original = torch_model.TimmFeatureExtractor
+
+    def random_init(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **{**kwargs, "pre_trained": False})
+
+    torch_model.TimmFeatureExtractor = random_init
+    try:
+        model = torch_model.AnomalyDINOModel(encoder_name=cfg.model_name, masking=cfg.pca_mask)
+    finally:
+        torch_model.TimmFeatureExtractor = original
+    state = {k: v.float() for k, v in detector.backbone.model.state_dict().items()}
+    model.feature_encoder.feature_extractor.load_state_dict(state)
+    model = model.to(detector.device).float()
+    model.train()
+    with torch.no_grad():
+        model(detector.backbone.to_pixels(references).float())
+    model.fit()
+    return model.eval()
+
+
 __all__ = [
+    "load_anomalib_anomalydino",
     "ANOMALIB_VERSION",
     "SequenceFirst",
     "import_anomalib_winclip",

@@ -174,7 +174,8 @@ def _run_test_images(
     dataset = TestImageDataset(class_data.test, winclip.config.image_size, eval_size)
     loader = DataLoader(
         dataset,
-        batch_size=winclip.config.batch_size,
+        # a method that scores sets (musc) scores the class's test images together
+        batch_size=n if winclip.scorer.scores_sets else winclip.config.batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -334,7 +335,8 @@ def _prepare(cfg: BenchmarkConfig, log: Callable[..., None]) -> dict[str, Any]:
         memory_images(data, cfg, cfg.seeds[0])  # k larger than the training set fails here
     scorer = scorer_class(cfg.model.method)
     requested = cfg.model.pretrained or ("auto" if synthetic else scorer.default_weights)
-    resolved = resolve_weights(cfg.model.model_name, requested, scorer.default_weights)
+    resolved = resolve_weights(cfg.model.model_name, requested, scorer.default_weights,
+                               scorer.backbone_family)
     check_layers(cfg.model.model_name, cfg.model.layers)  # before a model is built
     # A tag is passed on as a tag (it carries open_clip's quick_gelu setting), never a file.
     weights = (

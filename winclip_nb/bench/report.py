@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 
 from ..core.results import RANDOM_WEIGHTS_BANNER
+from ..core.scorers import scorer_class
 from ..data.images import load_image
 from .metrics import METRIC_KEYS
 from .store import MEAN_ROW
@@ -115,11 +116,14 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
         lines.append(f"data: {config.get('data_root')} ({DATASET_TITLES.get(dataset, dataset)})")
     else:
         lines.append(f"data: {config.get('data_root')}")
+    scores_sets = scorer_class(config.get("method", "tokens")).scores_sets
     memory = (
-        "no memory (text map only)"
+        "no memory (each test image scored against the others)"
+        if scores_sets
+        else "no memory (text only)"
         if config.get("k_shot") == 0
-        else "every patch and window of the references"
-        if config.get("coreset_ratio") is None
+        else "every patch (and window) of the references"
+        if config.get("coreset_ratio") in (None, 1.0)
         else f"coreset ratio {config.get('coreset_ratio')}"
         + (
             f", at most {config.get('max_images')} memory images"

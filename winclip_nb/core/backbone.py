@@ -24,7 +24,55 @@ from .errors import ConfigError
 from .runtime import resolve_device, resolve_dtype
 
 
-class ClipBackbone(nn.Module):
+class ImageBackbone(nn.Module):
+    """What every backbone shares: device, dtype, input size, and uint8 images <-> pixels
+    normalised with the model's ``mean`` and ``std``. A subclass sets ``grid_size``."""
+
+    grid_size: tuple[int, int]
+
+    def __init__(self, image_size: int, device: str, precision: str, weights: str,
+                 random_weights: bool, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(precision, self.device)
+        self.image_size = int(image_size)
+        self.weights, self.random_weights = weights, random_weights
+        mean_t = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+        # (u8 / 255 - mean) / std as one multiply-add: u8 * pixel_scale + pixel_shift.
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("pixel_shift", -mean_t / std_t, persistent=False)
+
+    def resize(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (S, S, 3) uint8 at the model's input size (aspect not kept)."""
+        s = self.image_size
+        if image.shape[:2] == (s, s):
+            return np.ascontiguousarray(image)
+        interp = cv2.INTER_AREA if min(image.shape[:2]) > s else cv2.INTER_CUBIC
+        return cv2.resize(image, (s, s), interpolation=interp)
+
+    def to_pixels(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> (B, 3, S, S) normalised, on the model's device and dtype.
+
+        Float input of shape (B, 3, S, S) is taken as already normalised.
+        """
+        x = torch.as_tensor(images)
+        if x.is_floating_point():
+            return x.to(self.device, self.dtype)
+        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()  # uint8 crosses the bus, 4x less than float
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return torch.addcmul(self.pixel_shift, x, self.pixel_scale).to(self.dtype)
+
+    def to_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Inverse of :meth:`to_pixels` for float input: (B, 3, S, S) -> (B, S, S, 3) uint8."""
+        rgb = (pixels.float() * self.std + self.mean).clamp(0, 1) * 255.0
+        return rgb.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ClipBackbone(ImageBackbone):
     """An open_clip ViT -> multi-layer patch tokens and text embeddings.
 
     Args:
@@ -41,7 +89,8 @@ class ClipBackbone(nn.Module):
     def __init__(self, model: nn.Module, tokenizer: object, layers: Sequence[int],
                  image_size: int, device: str = "auto", precision: str = "auto",
                  weights: str = "random", random_weights: bool = True) -> None:
-        super().__init__()
+        super().__init__(image_size, device, precision, weights, random_weights,
+                         CLIP_MEAN, CLIP_STD)
         visual = model.visual
         n_blocks = len(getattr(getattr(visual, "transformer", None), "resblocks", []))
         if n_blocks == 0 or getattr(visual, "proj", None) is None:
@@ -51,49 +100,12 @@ class ClipBackbone(nn.Module):
         if bad:
             raise ConfigError(f"unknown layer indices {bad}: the model has {n_blocks} "
                               f"transformer blocks, valid indices are 0..{n_blocks - 1}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(precision, self.device)
         self.model = model.to(self.device, self.dtype).eval()
         self.tokenizer = tokenizer
         self.layers = tuple(int(i) for i in layers)
-        self.image_size = int(image_size)
         self.grid_size: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
         self.embed_dim = int(visual.proj.shape[1])
-        self.weights, self.random_weights = weights, random_weights
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        mean = torch.tensor(CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=self.device).view(1, 3, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
-        # (u8 / 255 - mean) / std as one multiply-add: u8 * pixel_scale + pixel_shift.
-        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
-        self.register_buffer("pixel_shift", -mean / std, persistent=False)
-
-    def resize(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (S, S, 3) uint8 at the model's input size (aspect not kept)."""
-        s = self.image_size
-        if image.shape[:2] == (s, s):
-            return np.ascontiguousarray(image)
-        interp = cv2.INTER_AREA if min(image.shape[:2]) > s else cv2.INTER_CUBIC
-        return cv2.resize(image, (s, s), interpolation=interp)
-
-    def to_pixels(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, S, S, 3) uint8 -> (B, 3, S, S) CLIP-normalised on the model's device and dtype.
-
-        Float input of shape (B, 3, S, S) is taken as already normalised.
-        """
-        x = torch.as_tensor(images)
-        if x.is_floating_point():
-            return x.to(self.device, self.dtype)
-        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
-            x = x.pin_memory()  # uint8 crosses the bus, 4x less than float
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        return torch.addcmul(self.pixel_shift, x, self.pixel_scale).to(self.dtype)
-
-    def to_images(self, pixels: torch.Tensor) -> np.ndarray:
-        """Inverse of :meth:`to_pixels` for float input: (B, 3, S, S) -> (B, S, S, 3) uint8."""
-        rgb = (pixels.float() * self.std + self.mean).clamp(0, 1) * 255.0
-        return rgb.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

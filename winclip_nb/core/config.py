@@ -3,8 +3,8 @@
 
 A field's ``metadata`` holds its help text (the CLI's ``--help`` is built from it) and
 its check; :meth:`WinCLIPConfig.validate` runs every check, so a config that exists is a
-valid one. Settings left ``None`` (model, input size, temperature) take the method's own values,
-which each scorer declares as its ``preset``; ``pretrained=None`` means the method's own
+valid one. Settings left ``None`` (model, input size, layers, temperature, coreset ratio)
+take the method's own values, which each scorer declares as its ``preset``; ``pretrained=None`` means the method's own
 weights (its ``default_weights`` tag), resolved when the model is loaded.
 
 Example:
@@ -123,8 +123,9 @@ class WinCLIPConfig:
     image_size: int | None = setting(
         None, "model input side in pixels (default: the method's)", number(32, integer=True)
     )
-    layers: tuple[int, ...] = setting(
-        (9, 10, 11), "transformer blocks whose patch tokens are used", distinct_ints(0)
+    layers: tuple[int, ...] | None = setting(
+        None, "transformer blocks whose patch tokens are used (default: the method's)",
+        distinct_ints(0),
     )
     device: str = setting("auto", "auto, cpu or cuda")
     precision: str = setting(
@@ -133,10 +134,11 @@ class WinCLIPConfig:
     batch_size: int = setting(8, "images per forward pass", number(1, integer=True))
     text_temperature: float | None = setting(
         None, "softmax temperature of the text anchors, logits = cos / T (default: the method's)",
-        number(0, 1, open_low=True),
+        number(0, 1, open_low=True, optional=True),
     )
-    coreset_ratio: float = setting(
-        0.1, "fraction of normal patches kept by the coreset", number(0, 1, open_low=True)
+    coreset_ratio: float | None = setting(
+        None, "fraction of normal patches kept by the coreset (default: the method's)",
+        number(0, 1, open_low=True),
     )
     coreset_projection_dim: int = setting(
         128, "random projection width used to select the coreset", number(1, integer=True)
@@ -163,6 +165,14 @@ class WinCLIPConfig:
     min_hotspot_area: float = setting(
         0.0005, "hotspots smaller than this fraction of the image are dropped", number(0, 1)
     )
+    pca_mask: bool = setting(
+        False, "anomalydino: leave out background patches found by PCA of each image's tokens",
+        lambda v: None if isinstance(v, bool) else "True or False",
+    )
+    rscin: bool = setting(
+        False, "musc: re-score images with their nearest neighbours by class token (RsCIN)",
+        lambda v: None if isinstance(v, bool) else "True or False",
+    )
     window_scales: tuple[int, ...] = setting(
         (2, 3), "window sides in patches (windows method)", distinct_ints(1)
     )
@@ -172,11 +182,11 @@ class WinCLIPConfig:
     def __post_init__(self) -> None:
         from .scorers import scorer_class
 
-        self.layers = tuple(int(i) for i in self.layers)
-        self.window_scales = tuple(int(s) for s in self.window_scales)
         for name, value in scorer_class(self.method).preset.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        self.layers = tuple(int(i) for i in self.layers)
+        self.window_scales = tuple(int(s) for s in self.window_scales)
         self.validate()
 
     def validate(self) -> WinCLIPConfig:

@@ -10,6 +10,11 @@ declared as class attributes, so nothing outside a scorer asks which method it i
 - ``branches``: the names of its maps (a name means the same thing for every method);
 - ``scored_map``: the map benchmark metrics use (``anomaly_map`` or ``raw_map``);
 - ``uses_fusion_weights``, ``uses_coreset``, ``min_calibration_images``;
+- ``backbone_family``: who builds its model (``open_clip`` or ``timm``);
+- ``needs_references``: True when it needs k >= 1 normal images, False when it takes
+  none (k = 0), None when both work;
+- ``scores_sets``: True when a batch is scored as a set, each image against the others
+  (it then needs at least ``min_set_images`` images at once);
 - ``memory_type``: the dataclass of its memory (what a saved bank is read back into);
 - ``reference_implementation``: the outside implementation it is tested against, if any.
 
@@ -44,6 +49,8 @@ from .runtime import batched
 SCORERS: dict[str, str] = {
     "tokens": "winclip_nb.core.scorers:TokenScorer",
     "windows": "winclip_nb.core.windows:WindowScorer",
+    "anomalydino": "winclip_nb.core.anomalydino:AnomalyDINOScorer",
+    "musc": "winclip_nb.core.musc:MuScScorer",
 }
 
 
@@ -62,12 +69,12 @@ def scorer_class(method: str) -> type[Scorer]:
 @dataclass
 class Scores:
     """A scorer's output for B images: ``branches`` name -> (B, h, w) maps;
-    ``text_score`` (B,) the image embedding's probability of "anomalous";
+    ``text_score`` (B,) the image embedding's probability of "anomalous" (None: no text);
     ``image_score`` (B,) the method's own image score, or None (then the detector
     scores the final map)."""
 
     branches: dict[str, torch.Tensor]
-    text_score: torch.Tensor
+    text_score: torch.Tensor | None = None
     image_score: torch.Tensor | None = None
 
 
@@ -84,13 +91,18 @@ class Scorer:
     uses_coreset: ClassVar[bool] = False
     min_calibration_images: ClassVar[int] = 1
     reference_implementation: ClassVar[str | None] = None
+    backbone_family: ClassVar[str] = "open_clip"
+    needs_references: ClassVar[bool | None] = None
+    scores_sets: ClassVar[bool] = False
+    min_set_images: ClassVar[int] = 1
 
     def __init__(self, config: Any, backbone: Any) -> None:
         self.config, self.backbone = config, backbone
 
     def anchors(self, class_name: str) -> TextAnchors:
-        """The class's (normal, anomalous) text anchors."""
-        raise NotImplementedError
+        """The class's (normal, anomalous) text anchors; empty ones for a method without
+        text (they still carry the class name)."""
+        return TextAnchors(torch.empty(0), torch.empty(0), class_name)
 
     def fit(self, pixels: torch.Tensor, anchors: TextAnchors, fg_masks: torch.Tensor,
             coreset_ratio: float, seed: int, progress: bool) -> tuple[Any, Calibration | None]:
@@ -115,8 +127,9 @@ class TokenScorer(Scorer):
     with the normal images' statistics and takes their weighted mean.
     """
 
-    preset: ClassVar[dict[str, Any]] = {"model_name": "ViT-B-16",
-                                        "image_size": 224, "text_temperature": 0.01}
+    preset: ClassVar[dict[str, Any]] = {"model_name": "ViT-B-16", "image_size": 224,
+                                        "layers": (9, 10, 11), "text_temperature": 0.01,
+                                        "coreset_ratio": 0.1}
     default_weights = "openai"
     branches = ("text_map", "nn_map")
     memory_type = NormalMemory

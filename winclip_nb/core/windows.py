@@ -462,8 +462,8 @@ class WindowScorer(Scorer):
     """
 
     preset: ClassVar[dict[str, Any]] = {"model_name": "ViT-B-16-plus-240",
-                                        "image_size": 240,
-                                        "text_temperature": 0.07}
+                                        "image_size": 240, "layers": (9, 10, 11),
+                                        "text_temperature": 0.07, "coreset_ratio": 1.0}
     default_weights = "laion400m_e31"
     branches = ("zero_shot_map", "few_shot_map")
     memory_type = WindowMemory

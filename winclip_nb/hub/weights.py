@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -38,6 +38,7 @@ HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 log = logging.getLogger(__name__)
@@ -116,25 +117,65 @@ def cached_tag_file(model_name: str, tag: str) -> str | None:
     return None
 
 
+def cached_timm_file(model_name: str, tag: str) -> str | None:
+    """Path of an already-downloaded timm checkpoint ``model_name.tag``, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in _TIMM_WEIGHT_FILES:
+        found = try_to_load_from_cache(f"timm/{model_name}.{tag}", filename)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _open_clip_catalogue() -> tuple[Callable, Callable, Callable]:
+    import open_clip
+
+    return open_clip.list_models, open_clip.list_pretrained_tags_by_model, cached_tag_file
+
+
+def _timm_catalogue() -> tuple[Callable, Callable, Callable]:
+    import timm
+
+    def tags(model_name: str) -> list[str]:
+        return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{model_name}.*")]
+
+    return timm.list_models, tags, cached_timm_file
+
+
+#: Model families: (list of model names, tags of a model, cached file of a tag or None).
+CATALOGUES: dict[str, Callable[[], tuple[Callable, Callable, Callable]]] = {
+    "open_clip": _open_clip_catalogue,
+    "timm": _timm_catalogue,
+}
+
+
 def resolve_weights(
-    model_name: str, pretrained: str | os.PathLike | None, auto_tag: str | None = None
+    model_name: str, pretrained: str | os.PathLike | None, auto_tag: str | None = None,
+    family: str = "open_clip",
 ) -> ResolvedWeights:
     """Turn ``pretrained`` (tag | local file | ``"random"`` | ``"auto"``) into a source.
 
-    Offline, a tag that is not in the local cache fails at once with a message naming
-    the remedies, instead of after a long series of hub retries. ``"auto"`` means
-    ``auto_tag`` (the method's own tag) when it is cached or the hub answers, else random.
+    One resolver for both model families (``open_clip`` and ``timm``, see
+    :data:`CATALOGUES`). Offline, a tag that is not in the local cache fails at once with
+    a message naming the remedies, instead of after a long series of hub retries.
+    ``"auto"`` means ``auto_tag`` (the method's own tag) when it is cached or the hub
+    answers, else random.
 
     Example:
         >>> resolve_weights("ViT-B-16", "random").random
         True
+        >>> resolve_weights("vit_small_patch14_dinov2", "random", family="timm").label
+        'random'
     """
-    import open_clip
-
-    if model_name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if model_name.lower()[:5] in m.lower()]
+    if family not in CATALOGUES:
+        raise ConfigError(f"unknown model family {family!r}; known: {', '.join(CATALOGUES)}")
+    list_models, list_tags, cached_file = CATALOGUES[family]()
+    known = list_models()
+    if model_name not in known:
+        close = [m for m in known if model_name.lower()[:5] in m.lower()]
         raise ConfigError(
-            f"unknown open_clip model {model_name!r}"
+            f"unknown {family} model {model_name!r}"
             + (f"; similar names: {', '.join(close[:8])}" if close else "")
         )
     if pretrained is None or str(pretrained).strip().lower() in RANDOM_WEIGHTS:
@@ -145,7 +186,7 @@ def resolve_weights(
     looks_like_path = (
         path.suffix.lower() in CHECKPOINT_SUFFIXES or os.sep in text or "/" in text or path.exists()
     )
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    tags = list_tags(model_name)
     if looks_like_path and text not in tags:
         if not path.is_file():
             raise WeightsError(f"weights file not found: {text}")
@@ -161,8 +202,8 @@ def resolve_weights(
                 ", ".join(tags) or "none",
             )
             return ResolvedWeights(label="random (auto: no such tag)", source=None, random=True)
-        if cached_tag_file(model_name, auto_tag) or hub_reachable():
-            return resolve_weights(model_name, auto_tag)
+        if cached_file(model_name, auto_tag) or hub_reachable():
+            return resolve_weights(model_name, auto_tag, family=family)
         log.warning("weights='auto': no cached checkpoint and no hub access, using random init")
         return ResolvedWeights(label="random (auto: offline)", source=None, random=True)
 
@@ -171,8 +212,9 @@ def resolve_weights(
             f"unknown pretrained tag {text!r} for {model_name}; known tags: {', '.join(tags)}; "
             "or pass a checkpoint file path, or 'random'"
         )
-    quick_gelu = bool(open_clip.get_pretrained_cfg(model_name, text).get("quick_gelu", False))
-    cached = cached_tag_file(model_name, text)
+    quick_gelu = family == "open_clip" and bool(
+        __import__("open_clip").get_pretrained_cfg(model_name, text).get("quick_gelu", False))
+    cached = cached_file(model_name, text)
     if cached:
         return ResolvedWeights(label=text, source=cached, random=False, quick_gelu=quick_gelu)
     if not hub_reachable():
@@ -263,23 +305,63 @@ def load_open_clip(
     return model, open_clip.get_tokenizer(model_name), weights
 
 
-def build_backbone(config: WinCLIPConfig) -> ClipBackbone:
-    """The :class:`ClipBackbone` a config describes: model, weights, layers, size, device,
-    precision (the method's tag for ``pretrained="auto"``)."""
-    from ..core.scorers import scorer_class
+def load_timm(
+    model_name: str,
+    pretrained: str | os.PathLike | None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    auto_tag: str | None = None,
+) -> tuple[nn.Module, ResolvedWeights]:
+    """Build a timm vision transformer (``dynamic_img_size``: any multiple of the patch
+    size) and its resolved weights, eval mode; random init drawn from ``seed``."""
+    import timm
 
-    tag = scorer_class(config.method).default_weights
-    pretrained = tag if config.pretrained is None else config.pretrained
+    weights = resolve_weights(model_name, pretrained, auto_tag, family="timm")
+    kwargs: dict = {"dynamic_img_size": True, "pretrained": not weights.random}
+    name = model_name
+    if weights.source is not None and os.path.isfile(weights.source):  # a file, or a cached tag
+        kwargs["pretrained_cfg_overlay"] = {"file": weights.source}
+    elif not weights.random:  # a tag to download
+        name = f"{model_name}.{weights.label}"
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, **kwargs)
+    except Exception as err:  # noqa: BLE001 - timm raises many types for bad files
+        raise WeightsError(f"could not load {model_name}/{weights.label}: "
+                           f"{type(err).__name__}: {err}") from err
+    return model.to(resolve_device(device)).eval(), weights
+
+
+def _clip_backbone(config: WinCLIPConfig, tag: str, pretrained: str) -> ClipBackbone:
     model, tokenizer, weights = load_open_clip(
         config.model_name, pretrained, config.device, config.image_size, config.seed, tag
     )
-    return ClipBackbone(
-        model,
-        tokenizer,
-        config.layers,
-        config.image_size,
-        config.device,
-        config.precision,
-        weights.label,
-        weights.random,
-    )
+    return ClipBackbone(model, tokenizer, config.layers, config.image_size, config.device,
+                        config.precision, weights.label, weights.random)
+
+
+def _timm_backbone(config: WinCLIPConfig, tag: str, pretrained: str) -> nn.Module:
+    from ..core.anomalydino import ViTBackbone
+
+    model, weights = load_timm(config.model_name, pretrained, config.device, config.seed, tag)
+    return ViTBackbone(model, config.layers, config.image_size, config.device,
+                       config.precision, weights.label, weights.random)
+
+
+#: Backbone builders by model family (a scorer's ``backbone_family``).
+BACKBONE_BUILDERS: dict[str, Callable[[WinCLIPConfig, str, str], nn.Module]] = {
+    "open_clip": _clip_backbone,
+    "timm": _timm_backbone,
+}
+
+
+def build_backbone(config: WinCLIPConfig) -> nn.Module:
+    """The backbone a config describes (model, weights, layers, size, device, precision),
+    built by its method's model family (the method's tag for ``pretrained="auto"``)."""
+    from ..core.scorers import scorer_class
+
+    scorer = scorer_class(config.method)
+    tag = scorer.default_weights
+    pretrained = tag if config.pretrained is None else config.pretrained
+    return BACKBONE_BUILDERS[scorer.backbone_family](config, tag, pretrained)
