@@ -29,7 +29,17 @@ from PIL import Image
 from ..core.config import DEFAULTS
 from ..core.results import RANDOM_WEIGHTS_BANNER, Hotspot
 
-DEFAULT_CMAP = "jet"
+#: Colour maps of the notebook series, one convention (stated in notebook 00):
+#: the final anomaly map drawn over its image (overlay_heatmap, report files, the explorer);
+OVERLAY_CMAP = "jet"
+#: raw maps on their own scale, i.e. probabilities, distances, similarities, counts
+#: (drawn with a fixed range, or the range printed);
+MAP_CMAP = "viridis"
+#: signed z-scores, on a range symmetric around 0 (white = the normal median);
+Z_CMAP = "coolwarm"
+#: grayscale is for images and masks only.
+MASK_CMAP = "gray"
+DEFAULT_CMAP = OVERLAY_CMAP  # the older name of OVERLAY_CMAP
 DEFAULT_ALPHA = 0.5
 #: Upper end of the colour scale for z-score maps is at least this many robust sigmas,
 #: so a normal image (max z ~ 2) stays blue instead of being stretched to full red.
