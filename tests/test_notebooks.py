@@ -41,6 +41,7 @@ EXPECTED = [
     "06_mvtec_benchmark.ipynb",
     "07_winclip_windows.ipynb",
     "08_winclip_plus.ipynb",
+    "09_beyond_winclip.ipynb",
 ]
 REGENERATE = "regenerate with `make notebooks`"
 #: The one notebook that needs no model (no weights, device or data parameters).

@@ -199,6 +199,10 @@ PARAMETERS: dict[str, dict[str, Check]] = {
         "window_scales": int_list(1), "k_shot": k_shot(allow_full=False),
         "n_test": count(1), "speed_repeats": count(1), "solutions": boolean(),
     },
+    "09_beyond_winclip": {
+        **COMMON, "image_size": count(32, optional=True), "k_shot": k_shot(allow_full=False),
+        "n_good": count(1), "speed_repeats": count(1), "solutions": boolean(),
+    },
 }  # fmt: skip
 #: Defaults of notebook 00 (for the example above and the tests).
 DEFAULTS_00 = {"data_root": None, "class_name": "disc", "weights": "auto", "device": "auto",

@@ -152,7 +152,7 @@ def _square(x: float) -> float:
     return x * x
 
 
-from . import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08  # noqa: E402,F401 - each notebook's exercises register on import
+from . import nb00, nb01, nb02, nb03, nb04, nb05, nb06, nb07, nb08, nb09  # noqa: E402,F401 - each notebook's exercises register on import
 
 __all__ = [
     "EXERCISES", "Exercise", "as_array", "check", "close", "exercise", "is_correct", "solution",
