@@ -504,7 +504,8 @@ def test_benchmark_options_parse_into_the_configs(tmp_path):
     )  # fmt: skip
     assert cfg.model.model_name == "ViT-B-16-plus-240"  # the method's preset
     assert (cfg.dataset_format, cfg.k_shot, cfg.force, cfg.skip_bad) == ("visa", 2, True, False)
-    assert cfg.coreset_ratio == 0.5 and cfg.model.coreset_ratio == WinCLIPConfig().coreset_ratio
+    windows_preset = WinCLIPConfig(method="windows").coreset_ratio
+    assert cfg.coreset_ratio == 0.5 and cfg.model.coreset_ratio == windows_preset
     assert cfg.classes == ["disc", "weave"]
     assert config_from_args(_parse("--model", "ViT-B-32")).model.model_name == "ViT-B-32"
 

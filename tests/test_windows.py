@@ -139,7 +139,9 @@ def test_config_for_windows_and_errors() -> None:
     assert scorer_class("windows").preset == {
         "model_name": "ViT-B-16-plus-240",
         "image_size": 240,
+        "layers": (9, 10, 11),
         "text_temperature": 0.07,
+        "coreset_ratio": 1.0,  # WinCLIP+ keeps every patch and window
     }
     # explicit settings win over the preset
     assert WinCLIPConfig(method="windows", image_size=112).image_size == 112

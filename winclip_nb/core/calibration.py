@@ -74,10 +74,14 @@ class Calibration:
         return self._map_stats[key]
 
 
-def resolve_normalization(mode: str, calibration: Calibration | None) -> str:
+def resolve_normalization(mode: str, calibration: Calibration | None,
+                          can_calibrate: bool = True) -> str:
     """``calibrated`` needs the statistics of normal images; without them (zero-shot, or
-    too few references) fall back to ``per_image`` with a warning."""
+    too few references) fall back to ``per_image``, with a warning unless the method
+    never has them (``can_calibrate=False``: musc takes no normal images)."""
     if mode == "calibrated" and calibration is None:
+        if not can_calibrate:
+            return "per_image"
         warnings.warn("calibrated normalisation needs statistics of normal images (a memory "
                       "of enough normal images); using per_image", stacklevel=4)
         return "per_image"

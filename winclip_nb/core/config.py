@@ -4,8 +4,9 @@
 A field's ``metadata`` holds its help text (the CLI's ``--help`` is built from it) and
 its check; :meth:`WinCLIPConfig.validate` runs every check, so a config that exists is a
 valid one. Settings left ``None`` (model, input size, layers, temperature, coreset ratio)
-take the method's own values, which each scorer declares as its ``preset``; ``pretrained=None`` means the method's own
-weights (its ``default_weights`` tag), resolved when the model is loaded.
+take the method's own values, which each scorer declares as its ``preset``;
+``pretrained=None`` means the method's own weights (its ``default_weights`` tag), resolved
+when the model is loaded.
 
 Example:
     >>> cfg = WinCLIPConfig(layers=(6, 9, 11), text_weight=0.5, nn_weight=0.5)

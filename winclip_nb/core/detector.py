@@ -182,7 +182,8 @@ class Detector:
 
         fused = fuse(scores.branches)
         raw = upsample_maps(fused, tuple(fg_mask.shape[-2:]))
-        mode = resolve_normalization(s.normalization, fitted.calibration)
+        mode = resolve_normalization(s.normalization, fitted.calibration,
+                                     can_calibrate=not self.scorer.scores_sets)
         center, scale = (None, None)
         if mode == "calibrated":
             center, scale = fitted.calibration.map_stats(weights, fuse)

@@ -138,8 +138,9 @@ def repeated_pattern_images(low: torch.Tensor, high: torch.Tensor) -> list[int]:
     """Images with a patch that a few other images share but most lack.
 
     Such a patch's interval average (``low``) looks normal while its distance to most
-    other images (``high``) is an outlier: robust z of ``high`` over all ``low`` values
-    above :data:`REPEAT_Z`, while ``low`` stays below half of that.
+    other images (``high``) is an outlier: robust z of ``high`` among all ``high`` values
+    above :data:`REPEAT_Z`, while the robust z of ``low`` among all ``low`` values stays
+    below half of that.
 
     Args:
         low, high: (N, P) from :func:`mutual_scores`. Returns: image indices.
@@ -150,8 +151,8 @@ def repeated_pattern_images(low: torch.Tensor, high: torch.Tensor) -> list[int]:
         >>> repeated_pattern_images(low, high)
         [1, 2]
     """
-    center, scale = robust_stats(low.flatten())
-    z_low, z_high = (low - center) / scale, (high - center) / scale
+    (low_c, low_s), (high_c, high_s) = robust_stats(low.flatten()), robust_stats(high.flatten())
+    z_low, z_high = (low - low_c) / low_s, (high - high_c) / high_s
     flagged = (z_high > REPEAT_Z) & (z_low < REPEAT_Z / 2)
     return torch.nonzero(flagged.any(dim=1)).flatten().tolist()
 

@@ -5,8 +5,8 @@ the detector does everything else (foreground, upsampling, normalisation, smooth
 image score, hotspots) the same way for every method. What differs between methods is
 declared as class attributes, so nothing outside a scorer asks which method it is:
 
-- ``preset``: the method's model, input size and text temperature; ``default_weights``
-  its pretrained tag;
+- ``preset``: the method's model, input size, layers, text temperature and coreset
+  ratio (settings left None take these); ``default_weights`` its pretrained tag;
 - ``branches``: the names of its maps (a name means the same thing for every method);
 - ``scored_map``: the map benchmark metrics use (``anomaly_map`` or ``raw_map``);
 - ``uses_fusion_weights``, ``uses_coreset``, ``min_calibration_images``;
