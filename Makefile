@@ -60,7 +60,7 @@ notebooks: $(STAMP)
 speed: $(STAMP)
 	$(PY) benchmarks/throughput.py --device auto --weights random $(ARGS)
 
-## make speed-methods: images/s of tokens vs windows vs anomalib's WinCLIP, one run
+## make speed-methods: images/s of every method (tokens, windows, anomalydino, musc) and anomalib's WinCLIP, one run
 speed-methods: $(STAMP)
 	$(PY) benchmarks/methods.py --device auto $(ARGS)
 

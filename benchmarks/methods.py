@@ -1,6 +1,6 @@
-"""Images/s of the tokens and windows methods and of anomalib's WinCLIP, in one run.
+"""Images/s of every registered method and of anomalib's WinCLIP, in one run.
 
-A thin wrapper around :mod:`winclip_nb.method_speed`.
+A thin wrapper around :mod:`winclip_nb.bench.methods`.
 
 Usage:
     python benchmarks/methods.py --device cpu --n-images 8 --json methods.json
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from winclip_nb.method_speed import main
+from winclip_nb.bench.methods import main
 
 if __name__ == "__main__":
     sys.exit(main())

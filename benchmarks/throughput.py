@@ -1,6 +1,6 @@
 """Throughput of the winclip_nb detector: backbone only vs. full detection.
 
-A thin wrapper around :mod:`winclip_nb.speed` (the same as ``winclip-nb bench-speed``).
+A thin wrapper around :mod:`winclip_nb.bench.speed` (the same as ``winclip-nb bench-speed``).
 
 Usage:
     python benchmarks/throughput.py --device cpu --weights random --json speed.json
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from winclip_nb.speed import main
+from winclip_nb.bench.speed import main
 
 if __name__ == "__main__":
     sys.exit(main())

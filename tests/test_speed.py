@@ -182,3 +182,52 @@ def test_speed_options_come_from_the_config_fields():
     assert config_from_args(parser.parse_args([])) == SpeedConfig()
     with pytest.raises(ConfigError, match="batch_size"):
         config_from_args(parser.parse_args(["--batch-size", "0"]))
+
+
+def test_methods_comparison_times_set_and_text_free_methods(tmp_path, capsys):
+    """``make speed-methods``: the script's entry point, a method without text
+    (anomalydino, 1-image memory) and a set method (musc, zero-shot, one set)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "methods.py"
+    out = tmp_path / "methods.json"
+    argv = ["methods.py", "--device", "cpu", "--methods", "anomalydino", "musc",
+            "--n-images", "5", "--repeats", "1", "--no-anomalib", "--json", str(out)]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    assert done.value.code == 0
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) == {"anomalydino", "musc"}
+    assert all(_positive(v) for v in result["images_per_s"].values())
+    assert result["models"]["musc"].endswith("no memory (zero-shot)")
+    assert len(result["samples"]["musc"]) == 1  # the 5 images as one set, one repeat
+    assert any(n.startswith("musc: the 5 images scored as one set") for n in result["notes"])
+    assert "random weights" in capsys.readouterr().out
+
+    from winclip_nb.bench.methods import main as methods_main
+
+    assert methods_main(["--methods", "musc", "--n-images", "4", "--device", "cpu"]) == 2
+    assert "at least 5 images; got --n-images 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script", ["throughput.py", "methods.py", "musc_memory.py", "gpu_check.py", "loc.py"]
+)
+def test_benchmark_scripts_answer_help(script):
+    """The ``make speed``, ``speed-methods``, ``gpu-check`` and ``loc`` scripts import and
+    build their parsers (a help text with a bare % once broke argparse)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:")

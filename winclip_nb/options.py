@@ -65,7 +65,8 @@ def add_config_arguments(
         if default is not None and "default" not in text:
             text += f" (default: {' '.join(map(str, default)) if many else default})"
         flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        help_text = text.replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if element is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -127,27 +127,33 @@ def _build_paths(
     notes: list[str] = []
     bs = cfg.model.batch_size
     for method in cfg.methods or method_names():
+        presets = dict.fromkeys(("model_name", "image_size", "text_temperature", "layers",
+                                 "coreset_ratio"))  # None: the method's own
         model = WinCLIP(
-            config=WinCLIPConfig(
-                **{
-                    **cfg.model.to_dict(),
-                    "method": method,
-                    "model_name": None,
-                    "image_size": None,
-                    "text_temperature": None,
-                    "device": str(device),
-                }
-            )
+            config=WinCLIPConfig(**{**cfg.model.to_dict(), **presets, "method": method,
+                                    "device": str(device)})
         )
         say(f"building {method} ({model.config.model_name}, {model.config.image_size} px) ...")
-        fitted = model.fit_images(random_anchors(model, SPEED_CLASS, cfg.model.seed), [reference])
+        anchors = random_anchors(model, SPEED_CLASS, cfg.model.seed)
+        zero_shot = model.scorer.needs_references is False
+        fitted = model.fit_images(anchors, [] if zero_shot else [reference])
         images = np.stack([model.prepare(p)[0] for p in tests])
-        batches = [images[i : i + bs] for i in range(0, len(images), bs)]
+        if model.scorer.scores_sets:  # the whole set at once, each image against the others
+            if len(images) < model.scorer.min_set_images:
+                raise ConfigError(f"{method} scores sets of at least "
+                                  f"{model.scorer.min_set_images} images; got --n-images "
+                                  f"{len(images)}")
+            batches = [images]
+            notes.append(f"{method}: the {len(images)} images scored as one set (its mutual "
+                         "scoring grows with the square of the set size)")
+        else:
+            batches = [images[i : i + bs] for i in range(0, len(images), bs)]
         paths[method] = (
             lambda b, m=model, f=fitted: m.detect_batch(b, f, normalization="per_image"),
             batches,
         )
-        models[method] = f"{model.config.model_name}, {model.config.image_size} px, 1-image memory"
+        memory = "no memory (zero-shot)" if zero_shot else "1-image memory"
+        models[method] = f"{model.config.model_name}, {model.config.image_size} px, {memory}"
         if cfg.anomalib and model.scorer.reference_implementation == "anomalib WinClipModel":
             _add_anomalib(model, fitted, reference, batches, paths, models, notes, say)
     if not cfg.anomalib:
@@ -201,10 +207,12 @@ def _time_paths(
         fn(feed[0])
     _sync(device)
     samples: dict[str, list[float]] = {name: [] for name in paths}
-    n_batches = len(next(iter(paths.values()))[1])
+    n_batches = max(len(feed) for _, feed in paths.values())
     for repeat in range(cfg.repeats):
         for j in range(n_batches):
             for name, (fn, feed) in paths.items():
+                if j >= len(feed):  # a set method's single batch
+                    continue
                 start = time.perf_counter()
                 fn(feed[j])
                 _sync(device)

@@ -53,6 +53,7 @@ import torch
 from ..core.anchors import TextAnchors
 from ..core.config import WinCLIPConfig, check_fields, number, setting
 from ..core.errors import WinCLIPError
+from ..core.scorers import Scorer
 from ..data.files import atomic_write
 from ..options import add_config_arguments, config_changes
 
@@ -232,6 +233,8 @@ def _profile_detect(fn: Callable[[], Any], top: int = PROFILE_TOP) -> str:
 def random_anchors(winclip: Any, class_name: str, seed: int) -> TextAnchors:
     """Seeded random unit anchors for ``class_name``: the speed of a forward pass does not
     depend on the text, and these skip encoding the prompt ensemble."""
+    if type(winclip.scorer).anchors is Scorer.anchors:  # a method without text
+        return winclip.scorer.anchors(class_name)
     gen = torch.Generator().manual_seed(seed)
     pair = torch.randn(2, winclip.backbone.embed_dim, generator=gen)
     pair = torch.nn.functional.normalize(pair, dim=-1).to(winclip.device)
