@@ -163,7 +163,8 @@ def test_timm_weights_resolve_like_clip_ones(tmp_path, monkeypatch) -> None:
     assert auto.random and "offline" in auto.label
 
 
-def test_a_random_checkpoint_in_the_hub_cache_loads_offline(tmp_path, monkeypatch) -> None:
+def test_a_random_checkpoint_in_the_hub_cache_loads_offline(tmp_path, monkeypatch,
+                                                             capsys) -> None:
     """The real loading path: timm's tag resolved from a (temporary) hub cache."""
     import timm
     from safetensors.torch import save_file
@@ -185,6 +186,12 @@ def test_a_random_checkpoint_in_the_hub_cache_loads_offline(tmp_path, monkeypatc
     assert resolved.label == tag and not resolved.random
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"],
                        state["blocks.0.attn.qkv.weight"])
+    # prefetch knows the method's model family: it finds the file, downloads nothing
+    from winclip_nb import cli
+
+    assert cli.main(["prefetch", "--method", "anomalydino", "--no-llava"]) == 0
+    out = capsys.readouterr().out
+    assert f"timm {name}/{tag}: already cached at {snapshot / 'model.safetensors'}" in out
 
 
 def test_benchmark_runs_and_refuses_zero_shot(synthetic_root, tmp_path) -> None:

@@ -257,19 +257,23 @@ def test_prefetch_method_picks_its_model_and_tag_unless_told(monkeypatch, capsys
     from winclip_nb.hub import prefetch
 
     fetched: list[tuple[str, str]] = []
-    monkeypatch.setattr(prefetch, "_prefetch_clip", lambda *args: fetched.append(args))
+    monkeypatch.setattr(prefetch, "_prefetch_model", lambda *args: fetched.append(args))
     for argv in (
         [],
         ["--method", "windows"],
         ["--method", "windows", "--model", "ViT-B-16", "--weights", "random"],
         ["--method", "tokens", "--weights", "laion2b_s34b_b88k"],
+        ["--method", "anomalydino"],
+        ["--method", "musc"],
     ):
         assert cli.main(["prefetch", *argv, "--no-llava"]) == 0
     assert fetched == [
-        ("ViT-B-16", "openai"),
-        ("ViT-B-16-plus-240", "laion400m_e31"),
-        ("ViT-B-16", "random"),
-        ("ViT-B-16", "laion2b_s34b_b88k"),
+        ("open_clip", "ViT-B-16", "openai"),
+        ("open_clip", "ViT-B-16-plus-240", "laion400m_e31"),
+        ("open_clip", "ViT-B-16", "random"),
+        ("open_clip", "ViT-B-16", "laion2b_s34b_b88k"),
+        ("timm", "vit_small_patch14_dinov2", "lvd142m"),
+        ("open_clip", "ViT-B-16", "openai"),
     ]
     capsys.readouterr()
     assert cli.main(["prefetch", "--method", "nope", "--no-llava"]) == 2

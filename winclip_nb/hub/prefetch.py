@@ -1,6 +1,7 @@
 """``winclip-nb prefetch``: fill the caches on a connected machine so later runs work offline.
 
-CLIP weights go to open_clip's Hugging Face cache, LLaVA-OneVision to the hub cache;
+The method's model (``--method``: CLIP through open_clip, DINOv2 through timm) goes to
+the Hugging Face cache, LLaVA-OneVision too;
 a file that is already there is reported, not downloaded again. ``--mvtec-root`` also
 checks a dataset copy (every class loads, counts printed).
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import DataError, WeightsError
 from ..core.scorers import SCORERS, scorer_class
-from .weights import cached_tag_file, hub_reachable, load_open_clip, resolve_weights
+from .weights import CATALOGUES, hub_reachable, load_open_clip, load_timm, resolve_weights
 
 
 def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,13 +27,13 @@ def add_prefetch_arguments(parser: argparse.ArgumentParser) -> None:
         help="whose model and weights to fetch by default (default: tokens)",
     )
     parser.add_argument(
-        "--model", default=None, help="open_clip model name (default: the method's)"
+        "--model", default=None,
+        help="model name, open_clip's or timm's as the method uses (default: the method's)"
     )
     parser.add_argument(
         "--weights",
         default=None,
-        help="open_clip pretrained tag, or 'random' to skip the CLIP download "
-        "(default: the method's)",
+        help="pretrained tag, or 'random' to skip the model download (default: the method's)",
     )
     llava = parser.add_mutually_exclusive_group()
     llava.add_argument(
@@ -64,18 +66,27 @@ def _check_mvtec(root: str) -> None:
         )
 
 
-def _prefetch_clip(model_name: str, weights: str) -> None:
-    resolved = resolve_weights(model_name, weights)
+#: Per model family: the name printed and how its model is loaded (which downloads it).
+FAMILIES: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "open_clip": ("CLIP", lambda name, weights: load_open_clip(name, weights, "cpu")),
+    "timm": ("timm", lambda name, weights: load_timm(name, weights, "cpu")),
+}
+
+
+def _prefetch_model(family: str, model_name: str, weights: str) -> None:
+    """Load the model once (downloading its checkpoint unless cached); print where it is."""
+    label, load = FAMILIES[family]
+    resolved = resolve_weights(model_name, weights, family=family)
     if resolved.random:
-        print(f"CLIP: random init requested, nothing to download ({resolved.label})")
+        print(f"{label}: random init requested, nothing to download ({resolved.label})")
         return
     was_cached = bool(resolved.source and os.path.isfile(resolved.source))
-    load_open_clip(model_name, weights, "cpu")  # checks the file (or downloads it)
+    load(model_name, weights)  # checks the file (or downloads it)
     if was_cached:
-        print(f"CLIP {model_name}/{resolved.label}: already cached at {resolved.source}")
+        print(f"{label} {model_name}/{resolved.label}: already cached at {resolved.source}")
         return
-    where = cached_tag_file(model_name, resolved.label) or "the open_clip / Hugging Face cache"
-    print(f"CLIP {model_name}/{resolved.label}: cached at {where}")
+    where = CATALOGUES[family]()[2](model_name, resolved.label) or "the Hugging Face cache"
+    print(f"{label} {model_name}/{resolved.label}: cached at {where}")
 
 
 def _prefetch_llava(model_id: str) -> None:
@@ -110,9 +121,8 @@ def run_prefetch(args: argparse.Namespace) -> int:
     if args.mvtec_root:
         _check_mvtec(args.mvtec_root)
     scorer = scorer_class(args.method)
-    _prefetch_clip(
-        args.model or scorer.preset["model_name"], args.weights or scorer.default_weights
-    )
+    _prefetch_model(scorer.backbone_family, args.model or scorer.preset["model_name"],
+                    args.weights or scorer.default_weights)
     if not args.no_llava:
         from ..explain.llava import DEFAULT_LLAVA_MODEL
 
