@@ -122,7 +122,7 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
         if scores_sets
         else "no memory (text only)"
         if config.get("k_shot") == 0
-        else "every patch (and window) of the references"
+        else "the references' whole memory, no coreset"
         if config.get("coreset_ratio") in (None, 1.0)
         else f"coreset ratio {config.get('coreset_ratio')}"
         + (
@@ -136,11 +136,17 @@ def _header_lines(config: dict[str, Any]) -> list[str]:
         f"{', '.join(str(s) for s in config.get('seeds', []))}"
     )
     lines.append(
-        f"device: {config.get('device')} ({config.get('device_name')}), batch size "
-        f"{config.get('batch_size')}, image size {config.get('image_size')}, pixel metrics at "
-        f"{config.get('eval_resolution')}"
+        f"device: {config.get('device')} ({config.get('device_name')}), {_batching(config)}, "
+        f"image size {config.get('image_size')}, pixel metrics at {config.get('eval_resolution')}"
     )
     return lines
+
+
+def _batching(config: dict[str, Any]) -> str:
+    """How test images were batched: a set method scores a class's test split at once."""
+    if scorer_class(config.get("method", "tokens")).scores_sets:
+        return "each class's test split scored as one set"
+    return f"batch size {config.get('batch_size')}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -178,8 +184,8 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         "Metrics in percent (pixel metrics at "
-        f"{config.get('eval_resolution', '?')}). img/s: test images per second with batch size "
-        f"{config.get('batch_size')}, decoding and I/O included, warm-up batch excluded."
+        f"{config.get('eval_resolution', '?')}). img/s: test images per second, "
+        f"{_batching(config)}, decoding and I/O included, warm-up batch (if several) excluded."
     )
     skipped = sum(len(c.get("skipped_files", [])) for c in classes.values())
     if skipped:
