@@ -309,6 +309,11 @@ def test_explorer_callback_matches_detector(fitted_winclip) -> None:
     fig = ex.update(image_index=defect, text_weight=0.5, sigma=2.0, normalization="per_image")
     assert isinstance(fig, Figure) and len(fig.axes) == 5  # 3 panels + 2 colour bars
     assert fig.axes[1].get_title() == f"score {ex.last['score']:.2f}"
+    # the fused grid follows the colour convention: calibrated z-scores are signed
+    fused_image = fig.axes[2].images[0]
+    assert ex.last["fused_map"].min() < 0 and fig.axes[2].get_title() == "fused z (patch grid)"
+    low, high = fused_image.get_clim()
+    assert fused_image.get_cmap().name == "coolwarm" and low == -high
     other_settings = [
         {"text_weight": 0.0, "sigma": 0.0, "threshold": 1.5, "normalization": "calibrated"},
         {"text_weight": 1.0, "sigma": 6.0},

@@ -226,7 +226,7 @@ class Explorer:
         """A :class:`matplotlib.figure.Figure`: image with boxes, heat map, fused patch map."""
         from matplotlib.figure import Figure
 
-        from .figures import draw_boxes, overlay_heatmap, random_weights_banner
+        from .figures import MAP_CMAP, Z_CMAP, draw_boxes, overlay_heatmap, random_weights_banner
 
         state = state or self.state
         out = self.compute(state)
@@ -241,9 +241,15 @@ class Explorer:
         overlay_heatmap(
             out["resized"], out["anomaly_map"], ax=axes[1], title=f"score {out['score']:.2f}"
         )
-        shown = axes[2].imshow(out["fused_map"], cmap="magma")
+        fused = out["fused_map"]
+        if fused.min() < 0:  # signed z-scores (calibrated branches): symmetric coolwarm
+            limit = float(np.abs(fused).max()) or 1.0
+            shown = axes[2].imshow(fused, cmap=Z_CMAP, vmin=-limit, vmax=limit)
+            axes[2].set_title("fused z (patch grid)")
+        else:  # probabilities or distances: viridis, the range on the colour bar
+            shown = axes[2].imshow(fused, cmap=MAP_CMAP)
+            axes[2].set_title("fused map (patch grid)")
         fig.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.04)
-        axes[2].set_title("fused map (patch grid)")
         axes[2].set_axis_off()
         label = _image_label(self.images_by_class[state.class_name][state.image_index], 0)
         cfg = state.config
