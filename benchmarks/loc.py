@@ -5,9 +5,10 @@ long files, and the places that ask which method is running.
 documentation is never what a budget cuts. Budgets checked (``--check`` exits 1 when one
 is missed):
 
-- ``core/`` without the method files other than the token path: at most 925 code lines
-  (900 until the second model family: the shared image backbone, method presets and
-  set scoring cost the shared part about 20 lines; the new methods live in their files);
+- ``core/`` without the method files other than the token path: at most 900 code lines
+  (the shared image backbone, method presets and set scoring that the second model
+  family needed were paid for by simplifying the shared code; the new methods live in
+  their own files);
 - no function in ``core/`` over 40 code lines, no class over 200;
 - no file in the package over 600 lines in all;
 - at most 2 places in the package that compare a method name or key a lookup by one
@@ -32,7 +33,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "winclip_nb"
 #: Method files of core/ beyond the token path (the token path is scorers.py).
 METHOD_FILES = ("windows.py", "anomalydino.py", "musc.py")
 BUDGETS = {
-    "core_code_lines": 925,
+    "core_code_lines": 900,
     "function_code_lines": 40,
     "class_code_lines": 200,
     "file_lines": 600,

@@ -11,10 +11,10 @@ functions and a few classes, importing nothing from the rest of the package.
 ``calibration``        04    statistics of the normal images' maps
 ``scorers``                  the scorer interface, the token method, the method registry
 ``windows``            07    WinCLIP's windows, harmonic aggregation, WinCLIP+
+``anomalydino``        09    DINOv2 patch nearest neighbours to k normal images
+``musc``               09    mutual scoring of unlabelled test images (zero-shot)
 ``detector``                 a scorer plus the shared post-processing; ``FittedClass``
 ``results``, ``errors``,     result types, exceptions, device / dtype / thread pool
 ``runtime``
 =====================  ====  ============================================================
 """
-
-from __future__ import annotations

@@ -100,8 +100,7 @@ class TextAnchors(tuple):
 
     def __new__(cls, normal: torch.Tensor, anomalous: torch.Tensor,
                 class_name: str | None = None) -> TextAnchors:
-        if class_name is None:
-            class_name = getattr(normal, "class_name", None)
+        class_name = getattr(normal, "class_name", None) if class_name is None else class_name
         for tensor in (normal, anomalous):  # tag new tensors; never rename tagged ones
             if getattr(tensor, "class_name", None) is None:
                 tensor.class_name = class_name

@@ -58,14 +58,12 @@ class Calibration:
     def from_normal_maps(cls, normal_maps: dict[str, torch.Tensor],
                          fg_masks: torch.Tensor) -> Calibration:
         """Statistics of each branch over the foreground patches of the normal images."""
-        fg = fg_masks.bool()
-        grid = next(iter(normal_maps.values())).shape[-2:]
-        patch_fg = patch_foreground(fg, tuple(grid)).to(next(iter(normal_maps.values())).device)
+        fg, first = fg_masks.bool(), next(iter(normal_maps.values()))
+        patch_fg = patch_foreground(fg, tuple(first.shape[-2:])).to(first.device)
         stats = {name: robust_stats(m[patch_fg]) for name, m in normal_maps.items()}
         return cls(dict(normal_maps), fg, stats)
 
-    def map_stats(self, key: Hashable, fuse: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                  ) -> Stats:
+    def map_stats(self, key: Hashable, fuse: Callable[..., torch.Tensor]) -> Stats:
         """(median, robust sigma) over foreground pixels of ``fuse(normal_maps)`` upsampled
         to the masks' size; remembered per ``key`` (e.g. the fusion weights)."""
         if key not in self._map_stats:
@@ -79,10 +77,9 @@ def resolve_normalization(mode: str, calibration: Calibration | None,
     """``calibrated`` needs the statistics of normal images; without them (zero-shot, or
     too few references) fall back to ``per_image``, with a warning unless the method
     never has them (``can_calibrate=False``: musc takes no normal images)."""
-    if mode == "calibrated" and calibration is None:
-        if not can_calibrate:
-            return "per_image"
+    if mode != "calibrated" or calibration is not None:
+        return mode
+    if can_calibrate:
         warnings.warn("calibrated normalisation needs statistics of normal images (a memory "
                       "of enough normal images); using per_image", stacklevel=4)
-        return "per_image"
-    return mode
+    return "per_image"

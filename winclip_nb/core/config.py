@@ -84,6 +84,11 @@ def distinct_ints(minimum: int) -> Check:
     return check
 
 
+def boolean(value: Any) -> str | None:
+    """The check for a flag: True or False (not 0, 1 or a string)."""
+    return None if isinstance(value, bool) else "True or False"
+
+
 def setting(default: Any, help: str, check: Check | None = None,  # noqa: A002
             choices: Sequence[str] | Callable[[], Sequence[str]] | None = None) -> Any:
     """A config field: its default, its help text, its check (``choices``: one of them,
@@ -166,14 +171,10 @@ class WinCLIPConfig:
     min_hotspot_area: float = setting(
         0.0005, "hotspots smaller than this fraction of the image are dropped", number(0, 1)
     )
-    pca_mask: bool = setting(
-        False, "anomalydino: leave out background patches found by PCA of each image's tokens",
-        lambda v: None if isinstance(v, bool) else "True or False",
-    )
-    rscin: bool = setting(
-        False, "musc: re-score images with their nearest neighbours by class token (RsCIN)",
-        lambda v: None if isinstance(v, bool) else "True or False",
-    )
+    pca_mask: bool = setting(False, "anomalydino: leave out background patches found by PCA "
+                             "of each image's tokens", boolean)
+    rscin: bool = setting(False, "musc: re-score images with their nearest neighbours by class "
+                          "token (RsCIN)", boolean)
     window_scales: tuple[int, ...] = setting(
         (2, 3), "window sides in patches (windows method)", distinct_ints(1)
     )

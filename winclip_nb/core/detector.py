@@ -111,9 +111,8 @@ class Detector:
         seed = cfg.seed if seed is None else int(seed)
         with torch.inference_mode():
             pixels = self.backbone.to_pixels(images)
-            memory, calibration = self.scorer.fit(
-                pixels, anchors, to_device(fg, self.device), ratio, seed, progress
-            )
+            memory, calibration = self.scorer.fit(pixels, anchors, to_device(fg, self.device),
+                                                  ratio, seed, progress)
         return FittedClass(anchors, memory, calibration)
 
     def _as_images(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -184,9 +183,8 @@ class Detector:
         raw = upsample_maps(fused, tuple(fg_mask.shape[-2:]))
         mode = resolve_normalization(s.normalization, fitted.calibration,
                                      can_calibrate=not self.scorer.scores_sets)
-        center, scale = (None, None)
-        if mode == "calibrated":
-            center, scale = fitted.calibration.map_stats(weights, fuse)
+        calibrated = mode == "calibrated"
+        center, scale = fitted.calibration.map_stats(weights, fuse) if calibrated else (None, None)
         smoothed = gaussian_smooth(robust_normalize(raw, fg_mask, center, scale), s.sigma)
         own = scores.image_score
         score = own if own is not None else image_scores(smoothed, fg_mask, s.score_top_fraction)

@@ -5,8 +5,6 @@ exit code (a traceback only with ``--debug``). All of them are importable from t
 package itself: ``from winclip_nb import ConfigError``.
 """
 
-from __future__ import annotations
-
 
 class WinCLIPError(Exception):
     """Base class of every error this package raises on purpose."""

@@ -144,14 +144,12 @@ def robust_normalize(maps: torch.Tensor, fg_masks: torch.Tensor, center: torch.T
         med = flat.nanmedian(dim=1).values
         mad = (flat - med[:, None]).abs().nanmedian(dim=1).values * MAD_TO_SIGMA
         std = torch.sqrt(torch.nanmean((flat - flat.nanmean(dim=1, keepdim=True)) ** 2, dim=1))
-        sigma = torch.where(mad < MIN_SCALE, std, mad)
-        sigma = torch.nan_to_num(sigma, nan=1.0).clamp_min(MIN_SCALE)
-        med = torch.nan_to_num(med, nan=0.0)
+        # (an image without foreground gets NaN here; its map becomes 0 below)
+        sigma = torch.where(mad < MIN_SCALE, std, mad).clamp_min(MIN_SCALE)
         z = (maps - med[:, None, None]) / sigma[:, None, None]
     else:
         z = (maps - center.to(maps)) / scale.to(maps).clamp_min(MIN_SCALE)
-    fg_min = torch.where(fg, z, float("inf")).flatten(1).amin(dim=1)
-    fg_min = torch.where(torch.isfinite(fg_min), fg_min, torch.zeros_like(fg_min))
+    fg_min = torch.where(fg, z, float("inf")).flatten(1).amin(dim=1)  # inf: no foreground
     out = torch.where(fg, z, fg_min[:, None, None])
     return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 

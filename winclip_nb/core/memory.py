@@ -42,10 +42,7 @@ def coreset_size(n_points: int, ratio: float) -> int:
 def _cpu_threads(n_threads: int | None) -> Iterator[None]:
     """Temporarily run torch's CPU ops on ``n_threads`` threads (None: leave as is)."""
     before = torch.get_num_threads()
-    if n_threads is None or n_threads == before:
-        yield
-        return
-    torch.set_num_threads(n_threads)
+    torch.set_num_threads(n_threads or before)
     try:
         yield
     finally:

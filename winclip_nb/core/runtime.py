@@ -43,10 +43,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The backbone's dtype: ``auto`` is fp16 on CUDA and fp32 elsewhere."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return dtypes[precision]  # WinCLIPConfig checked it
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def host_pool() -> ThreadPoolExecutor:
@@ -67,9 +66,7 @@ def map_images(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
 
 def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """numpy or CPU tensor -> ``device``; to CUDA through pinned memory, without a sync."""
-    if isinstance(array, np.ndarray):
-        array = np.ascontiguousarray(array)
-    tensor = torch.as_tensor(array)
+    tensor = torch.as_tensor(array if torch.is_tensor(array) else np.ascontiguousarray(array))
     if device.type != "cuda" or tensor.device.type == "cuda":
         return tensor.to(device)
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
